@@ -74,10 +74,16 @@ class ModelConfig(_Section):
             raise ValueError("model.num_heads must divide model.embed_dim")
         if self.embed_dim is not None and self.embed_dim % 4:
             raise ValueError("model.embed_dim must be divisible by 4 (2-D sin-cos position embedding)")
+        if (
+            self.decoder_embed_dim is not None
+            and self.decoder_num_heads is not None
+            and self.decoder_embed_dim % self.decoder_num_heads
+        ):
+            raise ValueError("model.decoder_num_heads must divide model.decoder_embed_dim")
         return self
 
 
-def _check_modalities(names: list[str], path: str, *, need_input: bool = False) -> list[str]:
+def _check_modalities(names: list[str], path: str, *, need_input: bool = False, need_output: bool = False) -> list[str]:
     for name in names:
         try:
             spec = get_modality(name)
@@ -85,6 +91,8 @@ def _check_modalities(names: list[str], path: str, *, need_input: bool = False) 
             raise ValueError(f"{path}: {err}") from None
         if need_input and spec.input_adapter is None:
             raise ValueError(f"{path}: modality '{name}' is output-only and cannot be an input")
+        if need_output and spec.output_adapter is None:
+            raise ValueError(f"{path}: modality '{name}' is input-only and has no reconstruction head")
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: duplicate modality names in {names}")
     return names
@@ -106,7 +114,7 @@ class ModalitiesConfig(_Section):
     @field_validator("outputs")
     @classmethod
     def _outputs(cls, v: list[str]) -> list[str]:
-        return _check_modalities(v, "modalities.outputs")
+        return _check_modalities(v, "modalities.outputs", need_output=True)
 
     @model_validator(mode="after")
     def _targets(self) -> ModalitiesConfig:
@@ -147,6 +155,14 @@ class LossConfig(_Section):
     loss_on_unmasked: bool = False
     """Take reconstruction losses on all tokens instead of the masked ones only."""
 
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, weight in v.items():
+            if weight < 0:
+                raise ValueError(f"loss.weights.{name} must be >= 0, got {weight}")
+        return v
+
 
 class DataConfig(_Section):
     """Where training data comes from."""
@@ -163,6 +179,13 @@ class DataConfig(_Section):
     """Random-resized-crop area range applied jointly to every modality."""
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     """Probability of the joint horizontal flip."""
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {list(v)}")
+        return v
 
 
 class OptimConfig(_Section):
@@ -189,6 +212,13 @@ class OptimConfig(_Section):
     """AdamW epsilon."""
     layer_decay: float | None = Field(None, gt=0, le=1)
     """Layer-wise learning-rate decay (fine-tuning); null disables it."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {list(v)}")
+        return v
 
 
 class TrainLoopConfig(_Section):
@@ -265,7 +295,16 @@ class TrainConfig(_Section):
         if isinstance(self.masking.alphas, dict):
             for name in self.masking.alphas:
                 if name not in self.modalities.inputs:
-                    raise ValueError(f"masking.alphas: '{name}' is not among modalities.inputs {self.modalities.inputs}")
+                    raise ValueError(
+                        f"masking.alphas: '{name}' is not among modalities.inputs {self.modalities.inputs}"
+                    )
+            missing = [name for name in self.modalities.inputs if name not in self.masking.alphas]
+            if missing:
+                raise ValueError(
+                    f"masking.alphas: no value for {missing}; give one per input modality, or a single number"
+                )
+        if self.stage == "pretrain" and not self.modalities.outputs:
+            raise ValueError("modalities.outputs: pretraining needs at least one output modality")
         for name in self.loss.weights:
             if name not in self.modalities.outputs:
                 raise ValueError(f"loss.weights: '{name}' is not among modalities.outputs {self.modalities.outputs}")

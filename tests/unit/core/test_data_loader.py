@@ -1,0 +1,163 @@
+"""Streaming loader: once-per-epoch coverage across ranks, DataLoader workers and world-size changes; seeding."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+
+from multimae_core.data.loader import ShardDataSource, plan_epoch, worker_batch_ranges
+from multimae_core.data.shards import Encoding, ShardWriter, encode_sample
+
+N, SIZE = 48, 16
+
+
+def _id_folder(url: str, n: int = N, per_shard: int = 7) -> str:
+    """Samples whose semseg map is their id everywhere (so the id survives any crop); shards of unequal size."""
+    rng = np.random.default_rng(0)
+    with ShardWriter(url, modalities=["rgb", "depth", "semseg"], samples_per_shard=per_shard,
+                     class_names=["a", "b"]) as w:
+        for i in range(n):
+            w.write(f"{i:04d}", {"rgb": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
+                                 "depth": rng.uniform(1, 5, (SIZE, SIZE)).astype(np.float32),
+                                 "semseg": np.full((SIZE, SIZE), i, np.int32), "cls": i % 2})
+    return url
+
+
+def _ids(batches) -> list[int]:
+    out = []
+    for b in batches:
+        sem = b["semseg"]
+        assert (sem == sem[:, :1, :1]).all()
+        out.extend(sem[:, 0, 0].tolist())
+        if "cls" in b:
+            assert b["cls"].tolist() == [i % 2 for i in sem[:, 0, 0].tolist()]
+    return out
+
+
+def _source(url, **kw) -> ShardDataSource:
+    opts = dict(per_worker_batch_size=4, image_size=SIZE, seed=1, shuffle_buffer=8)
+    opts.update(kw)
+    return ShardDataSource(url, **opts)
+
+
+@pytest.fixture
+def ids_url(tmp_path):
+    return _id_folder(str(tmp_path / "ids"))
+
+
+def test_plan_covers_each_position_once():
+    sizes = [7, 7, 7, 7, 7, 7, 6]
+    for world in (1, 2, 3, 5):
+        spans = [plan_epoch(sizes, epoch=2, seed=0, rank=r, world_size=world, batch_size=4, train=True)
+                 for r in range(world)]
+        positions = [p for _, start, count in spans for p in range(start, start + count)]
+        assert len(positions) == len(set(positions)) == 48 // (world * 4) * world * 4
+        assert len({count for _, _, count in spans}) == 1
+    for world in (1, 3, 5):
+        spans = [plan_epoch(sizes, epoch=0, seed=0, rank=r, world_size=world, batch_size=4, train=False)
+                 for r in range(world)]
+        positions = {(start + i) % 48 for _, start, count in spans for i in range(count)}
+        assert positions == set(range(48))
+    assert worker_batch_ranges(10, 4, 2) == [(0, 8), (8, 10)]
+    assert worker_batch_ranges(10, 4, 4) == [(0, 4), (4, 8), (8, 10), (10, 10)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_one_rank_sees_every_sample_once(ids_url, num_workers):
+    src = _source(ids_url, num_workers=num_workers)
+    batches = list(src.epoch_batches(0))
+    assert len(batches) == src.num_batches() == N // 4
+    assert sorted(_ids(batches)) == list(range(N))
+    b = batches[0]
+    assert b["rgb"].shape == (4, 3, SIZE, SIZE) and b["rgb"].dtype == torch.float32
+    assert b["depth"].shape == (4, 1, SIZE, SIZE) and b["semseg"].shape == (4, SIZE // 4, SIZE // 4)
+    assert b["semseg"].dtype == torch.int64 and b["cls"].dtype == torch.int64
+
+
+def test_two_ranks_then_one_cover_every_sample_once_per_epoch(ids_url):
+    seen = {}
+    for epoch, world in [(0, 2), (1, 1), (2, 2)]:
+        per_rank = [_ids(_source(ids_url, rank=r, world_size=world, num_workers=w).epoch_batches(epoch))
+                    for r, w in zip(range(world), [2, 0], strict=False)]
+        assert len({len(p) for p in per_rank}) == 1  # ranks stay in step
+        seen[epoch] = [i for p in per_rank for i in p]
+        assert sorted(seen[epoch]) == list(range(N)), (epoch, world)
+    assert seen[0] != seen[2]  # reshuffled every epoch
+
+
+def test_tail_is_dropped_consistently(tmp_path):
+    url = _id_folder(str(tmp_path / "odd"), n=30, per_shard=4)
+    for world in (1, 2, 3):
+        ids = [i for r in range(world) for i in _ids(_source(url, rank=r, world_size=world).epoch_batches(5))]
+        assert len(ids) == len(set(ids)) == 30 // (world * 4) * world * 4
+    # The dropped samples change with the epoch.
+    dropped = [set(range(30)) - set(_ids(_source(url, world_size=1).epoch_batches(e))) for e in range(4)]
+    assert len({frozenset(d) for d in dropped}) > 1
+
+
+def test_val_split_pads_and_keeps_order(tmp_path, ids_url):
+    val = _id_folder(str(tmp_path / "val"), n=10, per_shard=4)
+    per_rank = [_ids(_source({"train": ids_url, "val": val}, rank=r, world_size=3).epoch_batches(0, split="val"))
+                for r in range(3)]
+    assert per_rank == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_seeded_and_resumable(ids_url, num_workers):
+    src = _source(ids_url, num_workers=num_workers)
+    a, b = list(src.epoch_batches(3)), list(src.epoch_batches(3))
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
+    c = list(src.epoch_batches(4))
+    assert _ids(a) != _ids(c)
+    resumed = list(src.epoch_batches(3, skip=5))
+    assert len(resumed) == len(a) - 5
+    for x, y in zip(a[5:], resumed, strict=True):
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
+
+
+def test_skip_bad_counts_and_keeps_going(tmp_path):
+    url = str(tmp_path / "bad")
+    rng = np.random.default_rng(0)
+    enc = {"depth": Encoding("png16", scale=0.001, unit="m"), "semseg": Encoding("png8")}
+    with ShardWriter(url, modalities=["rgb", "depth", "semseg"], samples_per_shard=5) as w:
+        for i in range(12):
+            files = encode_sample({"rgb": rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
+                                   "depth": np.ones((SIZE, SIZE), np.float32),
+                                   "semseg": np.full((SIZE, SIZE), i, np.int32)}, enc)
+            if i in (3, 8):
+                files["depth.png"] = b"not a png"
+            w.write_encoded(f"{i:04d}", files)
+    with pytest.raises(ValueError, match=r"shard shard-00000[01].tar, sample '000[38]': depth.png: undecodable image"):
+        list(_source(url, shuffle_buffer=0).epoch_batches(0))
+    src = _source(url, skip_bad=True, num_workers=2)
+    batches = list(src.epoch_batches(0))
+    assert [len(b["rgb"]) for b in batches] == [4, 4, 4]  # train batches keep their size
+    ids = _ids(batches)
+    assert set(ids) == {i for i in range(12) if i not in (3, 8)} and len(ids) == 12
+    assert src.skipped == 2
+    val = _source({"train": url, "val": url}, skip_bad=True)
+    assert sorted(_ids(val.epoch_batches(0, split="val"))) == [i for i in range(12) if i not in (3, 8)]
+    assert val.skipped == 2 and val.num_batches("test") == 0 and list(val.epoch_batches(0, split="test")) == []
+
+
+def test_from_config_and_missing_modality(ids_url):
+    from multimae_core.config import TrainConfig
+
+    cfg = TrainConfig.model_validate({
+        "name": "t", "model": {"image_size": 16, "patch_size": 8},
+        "modalities": {"inputs": ["rgb", "depth", "semseg"], "outputs": ["rgb"]},
+        "masking": {"num_encoded_tokens": 4},
+        "data": {"train_url": ids_url, "val_url": None, "num_workers": 0},
+        "train": {"global_batch_size": 8, "per_worker_batch_size": 4},
+    })
+    src = ShardDataSource.from_config(cfg, rank=1, world_size=2)
+    assert src.modalities == ("rgb", "depth", "semseg") and src.num_batches() == N // 8
+    assert collections.Counter(len(b["rgb"]) for b in src.epoch_batches(0)) == {4: N // 8}
+    with pytest.raises(ValueError, match=r"data.train_url .* the job needs \['normal'\]"):
+        ShardDataSource(ids_url, per_worker_batch_size=4, modalities=["rgb", "normal"])
