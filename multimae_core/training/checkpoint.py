@@ -4,6 +4,12 @@ Layout: ``model.safetensors`` (the unwrapped model's state dict in the original 
 ``train_state.pt`` (optimizer, grad scaler, counters, per-rank RNG states; loads with ``torch.load(weights_only=True)``)
 and ``meta.json`` (counters, versions and caller-provided JSON). The learning rate is a pure function of the step
 (`multimae_core.training.optim.lr_at`), so there is no scheduler state to keep.
+
+Fault-injection hook for tests (inert unless the variable is set; never set it in production):
+``MMAE_TEST_FAIL_CHECKPOINT_AT_STEP=<step>`` makes the process that writes the checkpoint of that step kill itself
+with SIGKILL halfway through the write (weights and train state written, meta.json not, nothing renamed), as a crash
+would. With ``MMAE_TEST_FAIL_CHECKPOINT_MARKER=<file>`` it fires only once: it creates that file (holding the path of
+the half-written folder) and stays inert while the file exists, so a restarted run can write the checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -47,6 +54,8 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
+FAIL_AT_STEP_ENV = "MMAE_TEST_FAIL_CHECKPOINT_AT_STEP"
+FAIL_MARKER_ENV = "MMAE_TEST_FAIL_CHECKPOINT_MARKER"
 
 
 @dataclass
@@ -134,6 +143,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _crash_if_requested(step: int, partial: Path) -> None:
+    """Test hook (see the module docstring): SIGKILL this process mid-write when ``MMAE_TEST_FAIL_CHECKPOINT_AT_STEP``
+    names ``step``; a no-op when the variable is unset."""
+    at = os.environ.get(FAIL_AT_STEP_ENV)
+    if not at or int(at) != step:
+        return
+    marker = os.environ.get(FAIL_MARKER_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(partial).encode())
+        os.fsync(fd)
+        os.close(fd)
+    logger.warning("%s=%s: killing this process while it writes the checkpoint of step %d", FAIL_AT_STEP_ENV, at,
+                   step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_checkpoint(directory: str | os.PathLike[str], *, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None,
                     step: int, epoch: int = 0, batches_in_epoch: int = 0,
@@ -170,6 +199,7 @@ def save_checkpoint(directory: str | os.PathLike[str], *, model: nn.Module,
             "rng": rng_list,
         }
         torch.save(state, tmp / STATE_FILE)
+        _crash_if_requested(int(step), tmp)
         meta = {
             "format_version": FORMAT_VERSION,
             "step": int(step),

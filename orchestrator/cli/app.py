@@ -29,19 +29,11 @@ _GROUPS: tuple[tuple[str, str | None], ...] = (
     ("data", "data"),
     ("config", "config"),
 )
-# TODO(lead): orchestrator/cli/data.py is being written; drop this guard (and the set) once it exists.
-_NOT_YET_WRITTEN = frozenset({"data"})
 
 
 def _register_groups(root: typer.Typer) -> None:
     for module_name, group in _GROUPS:
-        qualified = f"orchestrator.cli.{module_name}"
-        try:
-            module = importlib.import_module(qualified)
-        except ModuleNotFoundError as err:
-            if module_name in _NOT_YET_WRITTEN and err.name == qualified:
-                continue
-            raise
+        module = importlib.import_module(f"orchestrator.cli.{module_name}")
         if group is None:
             root.add_typer(module.app)
         else:

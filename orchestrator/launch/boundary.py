@@ -32,6 +32,7 @@ __all__ = [
     "SkyUnavailable",
     "api_server_endpoint",
     "api_server_problem",
+    "display_url",
     "get_boundary",
     "set_boundary",
 ]
@@ -102,7 +103,7 @@ def api_server_endpoint() -> tuple[str, bool]:
     return f"http://127.0.0.1:{port}", False
 
 
-def _display_url(url: str) -> str:
+def display_url(url: str) -> str:
     """The URL without any user:password part."""
     parts = urllib.parse.urlsplit(url)
     if "@" not in parts.netloc:
@@ -124,7 +125,7 @@ def api_server_problem(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     A local server that is not running is *not* started (SkyPilot's SDK would start one, which takes ~18 s).
     """
     url, explicit = api_server_endpoint()
-    shown = _display_url(url)
+    shown = display_url(url)
     try:
         with _urlopen(f"{shown}/api/health", timeout) as resp:  # health needs no credentials
             resp.read(64)

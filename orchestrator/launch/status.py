@@ -56,6 +56,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / '.mmae' / 'mlflow.db'}"
 
 
+def _shown(uri: str) -> str:
+    """A URI as it may be printed: without a user:password part."""
+    from orchestrator.launch.boundary import display_url
+
+    return display_url(uri)
+
+
 def _tracking_problem(uri: str) -> str | None:
     """None when the tracking store can be read quickly; else what could not be reached."""
     if uri.startswith("sqlite:///"):
@@ -63,12 +70,12 @@ def _tracking_problem(uri: str) -> str | None:
         return None if path.is_file() else f"no MLflow runs yet (no tracking store at {path})"
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=3) as resp:
+            with urllib.request.urlopen(f"{_shown(uri).rstrip('/')}/health", timeout=3) as resp:
                 resp.read(64)
         except urllib.error.HTTPError:
             return None  # it answered; the client will authenticate
         except (urllib.error.URLError, OSError) as err:
-            return f"MLflow tracking server {uri} not reachable ({getattr(err, 'reason', err)})"
+            return f"MLflow tracking server {_shown(uri)} not reachable ({getattr(err, 'reason', err)})"
     return None
 
 
@@ -371,7 +378,7 @@ def collect(*, all_runs: bool = False, boundary: Boundary | None = None, uri: st
     clusters, managed, sky_problems = _sky_state(boundary, all_users=all_runs)
     unreachable.extend(sky_problems)
     return StatusReport(rows=join(runs, clusters, managed), clusters=clusters, managed_jobs=managed,
-                        tracking_uri=uri, unreachable=unreachable)
+                        tracking_uri=_shown(uri), unreachable=unreachable)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,7 +433,7 @@ def resolve_target(text: str, boundary: Boundary) -> Target:
         target = _target_from_run(text)
         if target is not None:
             return target
-        raise UserError(f"unknown run '{text}' in the tracking store {tracking_uri()} (see `mmae status`)")
+        raise UserError(f"unknown run '{text}' in the tracking store {_shown(tracking_uri())} (see `mmae status`)")
     clusters = boundary.status(all_users=True)
     if any(c["name"] == text for c in clusters):
         return Target(label=text, cluster=text)

@@ -175,6 +175,10 @@ def test_status_with_unreachable_tracking_server_still_shows_skypilot(tmp_path: 
     report = status_lib.collect(boundary=rec, uri=uri)
     assert report.note().startswith(f"MLflow tracking server {uri} not reachable")
     assert {r["name"] for r in report.rows} == {"flow", "queued", "mmae-b", "orphan"}
+    port = uri.rpartition(":")[2]
+    secret = status_lib.collect(boundary=rec, uri=f"http://bob:pw-sentinel-3@127.0.0.1:{port}")
+    assert "pw-sentinel-3" not in json.dumps(secret.to_json())
+    assert secret.note().startswith(f"MLflow tracking server http://127.0.0.1:{port} not reachable")
 
 
 def test_status_all_pages_through_every_run(store: dict[str, str], tmp_path: Path,
