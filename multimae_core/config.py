@@ -15,6 +15,8 @@ from multimae_core.modalities import get_modality
 __all__ = [
     "CheckpointConfig",
     "DataConfig",
+    "FinetuneConfig",
+    "InitConfig",
     "LossConfig",
     "MaskingConfig",
     "ModalitiesConfig",
@@ -126,6 +128,91 @@ class ModalitiesConfig(_Section):
                     f"modalities.outputs: '{name}' needs '{target}' among modalities.inputs (its target and mask)"
                 )
         return self
+
+
+class FinetuneConfig(_Section):
+    """The downstream task of a fine-tuning job (stage finetune; spec section 7). Defaults are the paper's ViT-B
+    heads; tiny models shrink the head sizes. The encoder inputs are modalities.inputs (any subset: RGB, depth,
+    RGB-D, ...); the masking and loss sections do not apply to fine-tuning.
+
+    Targets come from the shard modalities: `cls` for cls; the `semseg` labels at full input resolution (cropped and
+    resized with nearest neighbour, not the stride-4 input map) for semseg; the metric `depth` (also nearest) for
+    depth."""
+
+    kind: Literal["cls", "semseg", "depth"]
+    """cls: image classification (mean of all tokens, LayerNorm, linear); semseg: per-pixel classes (the original's
+    ConvNeXt head); depth: per-pixel depth (the original's DPT head)."""
+    num_classes: int | None = Field(None, ge=1)
+    """Classes of cls and semseg (required there; labels must lie in [0, num_classes)); null for depth."""
+    ignore_index: int = 255
+    """semseg label excluded from the loss and the metrics."""
+    reduce_zero_label: bool = False
+    """semseg: the stored label 0 means 'unlabelled' (ADE20K, NYUv2): it becomes ignore_index and every other label
+    shifts down by one (the original's seg_reduce_zero_label)."""
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    """cls: label smoothing of the cross-entropy."""
+    depth_loss: Literal["berhu", "l1"] = "berhu"
+    """depth: berHu (reverse Huber, the original's) or L1, over valid pixels."""
+    berhu_threshold: float = Field(0.2, gt=0.0, le=1.0)
+    """depth: berHu switches from L1 to L2 at this fraction of the batch's largest absolute error."""
+    depth_mean: float = 0.0
+    """depth: the loss is taken on (depth - depth_mean) / depth_std, in the shards' depth unit (metres for mmae
+    shards); the head predicts that standardised depth and metrics de-normalise it (the original's NYU_MEAN)."""
+    depth_std: float = Field(1.0, gt=0.0)
+    """depth: standard deviation of the fixed standardisation (the original's NYU_STD)."""
+    depth_max: float | None = Field(None, gt=0.0)
+    """depth: pixels whose depth is at or above this are invalid (sky, out of sensor range) and are left out of the
+    loss and metrics; null keeps every finite depth > 0."""
+    main_tasks: list[str] | None = None
+    """semseg/depth: modalities whose tokens the head reads (channel-concatenated); null: rgb when it is an input,
+    else the first input (the original's configs)."""
+    cls_init_scale: float = Field(0.001, gt=0.0)
+    """cls: the classifier's trunc-normal(0.02) init is scaled by this."""
+    seg_embed_dim: int = Field(6144, ge=1)
+    """semseg: width each token is projected to before it is split into seg_preds_per_patch sub-tokens."""
+    seg_preds_per_patch: int = Field(16, ge=1)
+    """semseg: sub-tokens per token, a square number (16: a 4 x 4 block, i.e. 1/4 resolution with 16 px patches)."""
+    seg_depth: int = Field(4, ge=0)
+    """semseg: ConvNeXt blocks of the head."""
+    dpt_hooks: list[int] | None = None
+    """depth: the 4 encoder blocks (1-based) DPT taps; null: a quarter, half, three quarters and all of the depth
+    (3, 6, 9, 12 for 12 blocks)."""
+    dpt_layer_dims: list[int] = Field(default_factory=lambda: [96, 192, 384, 768], min_length=4, max_length=4)
+    """depth: channels of DPT's four reassembled maps."""
+    dpt_feature_dim: int = Field(256, ge=2)
+    """depth: channels of DPT's fusion path."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        if self.kind in ("cls", "semseg") and self.num_classes is None:
+            raise ValueError(f"finetune.num_classes is required for finetune.kind {self.kind}")
+        if self.dpt_hooks is not None and (len(self.dpt_hooks) != 4 or min(self.dpt_hooks) < 1):
+            raise ValueError(f"finetune.dpt_hooks must list 4 encoder blocks (1-based), got {self.dpt_hooks}")
+        side = int(round(self.seg_preds_per_patch ** 0.5))
+        if side * side != self.seg_preds_per_patch:
+            raise ValueError(f"finetune.seg_preds_per_patch must be a square number, got {self.seg_preds_per_patch}")
+        if self.seg_embed_dim % self.seg_preds_per_patch:
+            raise ValueError(f"finetune.seg_embed_dim ({self.seg_embed_dim}) must be divisible by "
+                             f"finetune.seg_preds_per_patch ({self.seg_preds_per_patch})")
+        return self
+
+
+class InitConfig(_Section):
+    """Weights the model starts from. `mmae finetune --from-run / --from-checkpoint` fills this section in."""
+
+    checkpoint_url: str | None = None
+    """Pretrained weights: a local file, an fsspec URL (s3://...), a checkpoint folder (its model.safetensors is
+    read) or an MLflow artifact URI (runs:/<run id>/weights/final.safetensors, fetched by the runtime); null starts
+    from random init."""
+    format: Literal["mmae", "original-multivit", "original-timm", "timm-vit"] = "mmae"
+    """mmae: this project's weights (safetensors, the original MultiMAE key layout); original-multivit: the original's
+    released MultiViT checkpoints (.pth); original-timm: the original's release in timm ViT layout; timm-vit: MAE or
+    timm ViT weights. With the timm formats the rgb adapter and the encoder are filled and the rest initialised."""
+    parent_run_id: str | None = Field(None, min_length=1)
+    """MLflow run the weights come from (recorded as the lineage of the fine-tuning run)."""
+    allow_new_inputs: bool = False
+    """Start input adapters the checkpoint lacks from scratch (e.g. RGB-D fine-tuning from RGB-only weights) instead
+    of failing; the timm formats always allow it."""
 
 
 class MaskingConfig(_Section):
@@ -277,6 +364,10 @@ class TrainConfig(_Section):
     """Architecture."""
     modalities: ModalitiesConfig = Field(default_factory=ModalitiesConfig)
     """Input and output modalities."""
+    finetune: FinetuneConfig | None = None
+    """The downstream task; required for stage finetune, null for pretraining."""
+    init: InitConfig = Field(default_factory=InitConfig)
+    """Weights to start from (fine-tuning)."""
     masking: MaskingConfig = Field(default_factory=MaskingConfig)
     """Token budget and its split across modalities."""
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -305,6 +396,12 @@ class TrainConfig(_Section):
                 )
         if self.stage == "pretrain" and not self.modalities.outputs:
             raise ValueError("modalities.outputs: pretraining needs at least one output modality")
+        if self.stage == "finetune":
+            self._check_finetune()
+        elif self.finetune is not None:
+            raise ValueError("finetune: the task section is for stage finetune; set it to null for pretraining")
+        elif self.init.checkpoint_url is not None:
+            raise ValueError("init.checkpoint_url: starting from weights is for stage finetune")
         for name in self.loss.weights:
             if name not in self.modalities.outputs:
                 raise ValueError(f"loss.weights: '{name}' is not among modalities.outputs {self.modalities.outputs}")
@@ -320,3 +417,19 @@ class TrainConfig(_Section):
             if self.model.patch_size % stride:
                 raise ValueError(f"modalities.inputs: stride level {stride} of '{name}' must divide model.patch_size")
         return self
+
+    def _check_finetune(self) -> None:
+        if self.finetune is None:
+            raise ValueError("finetune: stage finetune needs the task section (finetune.kind, finetune.num_classes, "
+                             "...)")
+        if self.modalities.outputs:
+            raise ValueError(f"modalities.outputs: fine-tuning has no reconstruction heads (the task head is "
+                             f"finetune.kind); set it to [] (got {self.modalities.outputs})")
+        main = self.finetune.main_tasks
+        if main is not None and (not main or any(m not in self.modalities.inputs for m in main)):
+            raise ValueError(f"finetune.main_tasks {main} must be a non-empty subset of modalities.inputs "
+                             f"{self.modalities.inputs}")
+        depth = self.model.depth
+        if self.finetune.dpt_hooks is not None and depth is not None and max(self.finetune.dpt_hooks) > depth:
+            raise ValueError(f"finetune.dpt_hooks {self.finetune.dpt_hooks} must be encoder blocks in 1..{depth} "
+                             f"(model.depth)")

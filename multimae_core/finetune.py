@@ -140,7 +140,7 @@ def build_finetune_model(task: FinetuneTask, model_cfg: ModelConfig) -> Finetune
 
     backbone = build_model(model_cfg, inputs=list(task.inputs), outputs=[])
     head = build_head(task, patch_size=model_cfg.patch_size, depth=len(backbone.encoder))
-    return FinetuneModel(backbone, head, name=task.kind)
+    return FinetuneModel.from_multimae(backbone, head, name=task.kind)
 
 
 def classification_loss(logits_BC: Tensor, target: Tensor, *, label_smoothing: float = 0.0) -> Tensor:

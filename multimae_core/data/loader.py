@@ -15,6 +15,9 @@ between epochs or restarts):
      into batches and only then decodes and augments. The DataLoader interleaves workers round-robin, so rank batch i
      comes from worker i % W; `skip` (resume inside an epoch) drops batches before decoding them.
 Shards are downloaded in background threads (`prefetch` shards ahead) and checked against the manifest's sha256.
+DataLoader workers are persistent: one set of processes per split serves every epoch (the parent passes the epoch
+and `skip` through shared memory), so filesystem clients and connections are made once, not per epoch. The batch
+stream depends on (seed, epoch, rank, world_size, per_worker_batch_size, num_workers, shuffle_buffer).
 """
 
 from __future__ import annotations
@@ -105,20 +108,23 @@ def _shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
 
 
 class _EpochStream(IterableDataset):
-    """One epoch of one rank; each DataLoader worker yields its share as ready batches, then a stats record."""
+    """Epochs of one rank and split; each DataLoader worker yields its share as ready batches, then a stats record.
 
-    def __init__(self, src: ShardDataSource, split: str, epoch: int, skip: int):
+    With persistent DataLoader workers the (epoch, skip) of the next iteration is read from `control`, an array in
+    shared memory that the parent sets before it starts iterating; without workers they are plain attributes.
+    """
+
+    def __init__(self, src: ShardDataSource, split: str, *, epoch: int = 0, skip: int = 0, control=None):
         self.url = src.urls[split]
         self.storage_options = src.storage_options
         self.manifest = src.manifest(split)
         self.train = split == "train"
-        self.epoch, self.skip = epoch, skip
+        self.epoch, self.skip, self.control = epoch, skip, control
         self.rank, self.world_size = src.rank, src.world_size
         self.batch_size, self.seed = src.per_worker_batch_size, src.seed
         self.shuffle_buffer, self.prefetch, self.verify = src.shuffle_buffer, src.prefetch, src.verify
         self.processor = SampleProcessor(
-            self.manifest, src.modalities, JointTransform(src.image_size, train=self.train, scale=src.crop_scale,
-                                                          hflip=src.hflip),
+            self.manifest, src.modalities, src.make_transform(train=self.train),
             with_cls=src.with_cls(split), seed=src.seed, skip_bad=src.skip_bad,
         )
 
@@ -141,6 +147,8 @@ class _EpochStream(IterableDataset):
                                          f"{info.num_samples}")
 
     def __iter__(self):
+        if self.control is not None:
+            self.epoch, self.skip = int(self.control[0]), int(self.control[1])
         info = get_worker_info()
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # Rank batch i comes from logical worker i % W at its local index i // W (the DataLoader cycles workers
@@ -217,6 +225,8 @@ class ShardDataSource:
         self.verify, self.prefetch, self.pin_memory = verify, prefetch, pin_memory
         self.storage_options = dict(storage_options or {})
         self._manifests: dict[str, Manifest] = {}
+        self._loaders: dict[str, tuple[DataLoader, Any]] = {}
+        self._worker_skips: dict[str, dict[int, int]] = {}
         self.skipped = 0
         """Bad samples skipped so far (skip_bad)."""
         first = self.manifest(next(iter(self.urls)))
@@ -242,6 +252,10 @@ class ShardDataSource:
         )
         opts.update(kwargs)
         return cls({"train": cfg.data.train_url, "val": cfg.data.val_url}, **opts)
+
+    def make_transform(self, *, train: bool) -> JointTransform:
+        """The joint augmentation of a split (subclasses add targets, e.g. `multimae_core.data.tasks`)."""
+        return JointTransform(self.image_size, train=train, scale=self.crop_scale, hflip=self.hflip)
 
     def manifest(self, split: str = "train") -> Manifest:
         if split not in self.urls:
@@ -271,20 +285,34 @@ class ShardDataSource:
         A split without a shard folder yields nothing."""
         if split not in self.urls:
             return
-        stream = _EpochStream(self, split, epoch, skip)
         if self.num_workers > 0:
-            loader: Any = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                     pin_memory=self.pin_memory, prefetch_factor=2)
+            loader, control = self._persistent_loader(split)
+            control[0], control[1] = epoch, skip  # read by the workers when this iteration starts
         else:
-            loader = stream
-        skipped: dict[int, int] = {}
+            loader = _EpochStream(self, split, epoch=epoch, skip=skip)
+        # Skip counts are cumulative per worker (persistent workers keep theirs across epochs).
+        before = dict(self._worker_skips.get(split, {})) if self.num_workers > 0 else {}
+        counts = self._worker_skips.setdefault(split, {}) if self.num_workers > 0 else {}
         for batch in loader:
             if _STATS_KEY in batch:
                 worker, count = (int(x) for x in batch[_STATS_KEY])
-                skipped[worker] = count
+                counts[worker] = count
                 continue
             yield batch
-        total = sum(skipped.values())
+        total = sum(counts.values()) - sum(before.values())
         if total:
             self.skipped += total
             logger.warning("epoch %d (%s, rank %d): skipped %d bad samples", epoch, split, self.rank, total)
+
+    def _persistent_loader(self, split: str):
+        """One DataLoader per split whose worker processes live across epochs (no per-epoch start-up: process
+        fork, filesystem clients, connection pools). Only one iteration per split may be live at a time."""
+        if split not in self._loaders:
+            import multiprocessing
+
+            control = multiprocessing.RawArray("q", 2)
+            stream = _EpochStream(self, split, control=control)
+            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                prefetch_factor=2, persistent_workers=True)
+            self._loaders[split] = (loader, control)
+        return self._loaders[split]

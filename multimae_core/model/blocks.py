@@ -5,17 +5,72 @@ Shapes: B batch, N query tokens, M context tokens, D width, h heads, d = D / h h
 Module and parameter names (`norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2`, `q`, `kv`) are the
 original's, so checkpoints load strictly. We do not reuse timm's `Block`: its attention only takes the SDPA path
 when timm's global `use_fused_attn()` switch allows it, and it carries options (layer scale, gates, qk-norm) that
-MultiMAE does not have. The math here is the original's; attention goes through
-`F.scaled_dot_product_attention`, which differs from the original's explicit softmax only by float rounding.
+MultiMAE does not have. The math here is the original's; attention goes through `attention`, which differs from the
+original's explicit softmax only by float rounding.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Attention", "Block", "CrossAttention", "DropPath", "Mlp", "drop_path_rates", "layer_norm"]
+__all__ = [
+    "Attention",
+    "Block",
+    "CrossAttention",
+    "DropPath",
+    "Mlp",
+    "attention",
+    "attention_kernel",
+    "drop_path_rates",
+    "layer_norm",
+]
+
+AttentionKernel = Literal["auto", "sdpa", "explicit"]
+_kernel: AttentionKernel = "auto"
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def attention_kernel(kernel: AttentionKernel) -> Iterator[None]:
+    """Force one attention implementation inside the block (benchmarks and tests); ``"auto"`` is the default.
+
+    ``"sdpa"`` always calls `F.scaled_dot_product_attention`; ``"explicit"`` always runs matmul, fp32 softmax,
+    matmul (attention dropout still goes to SDPA).
+    """
+    global _kernel
+    previous, _kernel = _kernel, kernel
+    try:
+        yield
+    finally:
+        _kernel = previous
+
+
+def _low_precision_on_cpu(q: Tensor) -> bool:
+    if q.device.type != "cpu":
+        return False
+    return q.dtype in _LOW_PRECISION or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") in _LOW_PRECISION)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over the last two axes (`[..., N, d]` queries, `[..., M, d]` keys and values).
+
+    `F.scaled_dot_product_attention` everywhere except bf16/fp16 on the CPU, where its flash kernel is 3-6x slower
+    (forward + backward at ViT-B shapes; BENCHMARKS.md) than two matmuls around a softmax. That explicit path is the
+    original's formulation, with the softmax taken in fp32 as CUDA autocast runs it in the original.
+    """
+    explicit = _kernel == "explicit" or (_kernel == "auto" and _low_precision_on_cpu(q))
+    if not explicit or dropout_p > 0.0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 def layer_norm(dim: int) -> nn.LayerNorm:
@@ -76,7 +131,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x_BND).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q_BhNd, k_BhNd, v_BhNd = qkv.unbind(0)
         drop = self.attn_drop if self.training else 0.0
-        x_BhNd = F.scaled_dot_product_attention(q_BhNd, k_BhNd, v_BhNd, dropout_p=drop)
+        x_BhNd = attention(q_BhNd, k_BhNd, v_BhNd, dropout_p=drop)
         x_BND = x_BhNd.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x_BND))
 
@@ -103,7 +158,7 @@ class CrossAttention(nn.Module):
         q_BhNd = self.q(x_BND).reshape(B, N, h, d).transpose(1, 2)
         kv = self.kv(context_BMD).reshape(B, M, 2, h, d).permute(2, 0, 3, 1, 4)
         drop = self.attn_drop if self.training else 0.0
-        x_BhNd = F.scaled_dot_product_attention(q_BhNd, kv[0], kv[1], dropout_p=drop)
+        x_BhNd = attention(q_BhNd, kv[0], kv[1], dropout_p=drop)
         x_BND = x_BhNd.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x_BND))
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multimae_core.model.blocks import layer_norm
+from multimae_core.model.multimae import encode_unmasked
 from multimae_core.model.output_adapters import LinearOutputAdapter, TokenLayout
 
 __all__ = [
@@ -271,37 +272,32 @@ class DPTDepthHead(nn.Module):
 
 
 class FinetuneModel(nn.Module):
-    """A MultiMAE encoder (unmasked, as the original's MultiViT) plus one fine-tuning head: `forward(inputs) -> Tensor`.
+    """The unmasked MultiMAE encoder (the original's MultiViT) plus one fine-tuning head: `forward(inputs) -> Tensor`.
 
-    The backbone's encoder-side modules and parameters are adopted under their own names and the head is stored as
-    `output_adapters.<name>`, so the state dict has the original's fine-tuning keys (`global_tokens`,
-    `input_adapters.<m>.*`, `encoder.<i>.*`, `output_adapters.<name>.*`) and layer-wise lr decay
-    (`training.optim.layer_id`) sees the names it expects. The backbone's own output adapters are dropped.
+    It owns `input_adapters`, `global_tokens`, `encoder` and `output_adapters[<name>]` directly, so its state dict has
+    the original's fine-tuning keys and layer-wise lr decay (`training.optim.layer_id`) sees the names it expects.
+    The encoder pass is `multimae.encode_unmasked`, the function `MultiMAE.encode` runs too.
 
     Args:
-        backbone: a MultiMAE whose input adapters are exactly the fine-tuning inputs (any subset of modalities).
+        input_adapters: modality -> input adapter, bound to the encoder width (any subset of modalities).
+        encoder: the encoder blocks.
+        global_tokens: `[1, G, E]` global tokens, appended after the patch tokens.
         head: an unbound head (`LinearOutputAdapter`, `ConvNeXtSegHead`, `DPTDepthHead`); bound here with
-            `init(embed_dim=backbone.embed_dim)`.
+            `init(embed_dim=E)`.
         name: key of the head in `output_adapters` (the task: `cls`, `semseg`, `depth`).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, *, name: str) -> None:
+    def __init__(self, *, input_adapters: Mapping[str, nn.Module], encoder: nn.Sequential,
+                 global_tokens: nn.Parameter, head: nn.Module, name: str) -> None:
         super().__init__()
-        if not hasattr(backbone, "encode"):
-            raise TypeError(f"backbone must be a MultiMAE (with .encode), got {type(backbone).__name__}")
-        backbone.output_adapters = nn.ModuleDict()
-        for child_name, child in backbone.named_children():
-            if child_name != "output_adapters":
-                self.add_module(child_name, child)
-        for param_name, param in backbone.named_parameters(recurse=False):
-            self.register_parameter(param_name, param)
-        for buf_name, buf in backbone.named_buffers(recurse=False):
-            self.register_buffer(buf_name, buf)
-        # Kept out of the module tree (its parameters are registered above); used only to call `encode`.
-        self.__dict__["_backbone"] = backbone
-        self.embed_dim: int = backbone.embed_dim
-        self.depth = len(backbone.encoder)
-        self.inputs: tuple[str, ...] = tuple(backbone.input_adapters)
+        if not input_adapters:
+            raise ValueError("FinetuneModel needs at least one input adapter")
+        self.input_adapters = nn.ModuleDict(dict(input_adapters))
+        self.global_tokens = global_tokens
+        self.encoder = encoder
+        self.embed_dim: int = global_tokens.shape[-1]
+        self.depth = len(encoder)
+        self.inputs: tuple[str, ...] = tuple(self.input_adapters)
         self.name = name
         head.init(embed_dim=self.embed_dim)
         hooks = getattr(head, "hooks", None)
@@ -309,24 +305,24 @@ class FinetuneModel(nn.Module):
             raise ValueError(f"head hooks {list(hooks)} must be encoder layers in 1..{self.depth}")
         self.output_adapters = nn.ModuleDict({name: head})
 
+    @classmethod
+    def from_multimae(cls, backbone: nn.Module, head: nn.Module, *, name: str) -> FinetuneModel:
+        """Take over a MultiMAE's input adapters, encoder and global tokens (its decoders are dropped).
+
+        The modules are moved, not copied: do not keep using `backbone` afterwards.
+        """
+        if not all(hasattr(backbone, a) for a in ("input_adapters", "encoder", "global_tokens")):
+            raise TypeError(f"backbone must be a MultiMAE, got {type(backbone).__name__}")
+        return cls(input_adapters=backbone.input_adapters, encoder=backbone.encoder,
+                   global_tokens=backbone.global_tokens, head=head, name=name)
+
     @property
     def head(self) -> nn.Module:
         """The fine-tuning head."""
         return self.output_adapters[self.name]
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # `.to()` / `.half()` may replace our own tensors; point the backbone's entries at the same objects so
-        # `encode` keeps using them (children are shared module objects and need nothing).
-        super()._apply(fn, recurse)
-        backbone = self.__dict__["_backbone"]
-        for key in backbone._parameters:
-            backbone._parameters[key] = self._parameters[key]
-        for key in backbone._buffers:
-            backbone._buffers[key] = self._buffers[key]
-        return self
-
     def layout(self, inputs: Mapping[str, Tensor]) -> TokenLayout:
-        """Token layout of `inputs` as `MultiMAE.encode` concatenates them (adapter order, global tokens last)."""
+        """Token layout of `inputs` as the encoder concatenates them (adapter order, global tokens last)."""
         counts = []
         for name in self.inputs:
             adapter = self.input_adapters[name]
@@ -336,6 +332,12 @@ class FinetuneModel(nn.Module):
         h, w = inputs[self.inputs[0]].shape[-2:]
         return TokenLayout(tuple(counts), (h * first.stride_level, w * first.stride_level),
                            self.global_tokens.shape[1])
+
+    def encode(self, inputs: Mapping[str, Tensor], *, return_layers: Sequence[int] | None = None,
+               ) -> Tensor | list[Tensor]:
+        """The unmasked encoder output `[B, N + G, E]` (or the `return_layers` block outputs), as `MultiMAE.encode`."""
+        return encode_unmasked(self.input_adapters, self.encoder, self.global_tokens, inputs,
+                               return_layers=return_layers)[0]
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Predict from a batch holding every input modality (other keys, e.g. targets, are ignored).
@@ -347,12 +349,11 @@ class FinetuneModel(nn.Module):
             raise ValueError(f"inputs: the model reads {list(self.inputs)} but the batch lacks {missing} "
                              f"(got {sorted(inputs)})")
         feed = {m: inputs[m] for m in self.inputs}
-        layout = self.layout(feed)
-        backbone = self.__dict__["_backbone"]
+        # DPT reads four intermediate blocks; the other heads read the last one.
         hooks = getattr(self.head, "hooks", None)
-        if hooks is not None:
-            return self.head(backbone.encode(feed, return_layers=list(hooks)), layout)
-        return self.head(backbone.encode(feed), layout)
+        tokens, layout = encode_unmasked(self.input_adapters, self.encoder, self.global_tokens, feed,
+                                         return_layers=list(hooks) if hooks is not None else None)
+        return self.head(tokens, layout)
 
     def no_weight_decay(self) -> set[str]:
         """Names the original's fine-tuning exempts from weight decay (global tokens, position/class tables)."""

@@ -18,7 +18,7 @@ from multimae_core.masking import masks_to_ids, sample_masks
 from multimae_core.model.blocks import Block, drop_path_rates
 from multimae_core.model.output_adapters import LinearOutputAdapter, TokenLayout
 
-__all__ = ["MultiMAE"]
+__all__ = ["MultiMAE", "encode_unmasked", "tokenize", "with_global_tokens"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +90,10 @@ class MultiMAE(nn.Module):
         return names
 
     def _tokenize(self, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], TokenLayout]:
-        """Run the input adapters of the present modalities (adapter order); extra input keys are ignored."""
-        names = [n for n in self.input_adapters if n in inputs]
-        if not names:
-            raise ValueError(f"inputs: none of the model's input modalities {list(self.input_adapters)} is present "
-                             f"(got {sorted(inputs)})")
-        tokens = {n: self.input_adapters[n](inputs[n]) for n in names}
-        # Full-resolution image size from the first modality: its grid times its stride.
-        stride = self.input_adapters[names[0]].stride_level
-        H, W = inputs[names[0]].shape[-2:]
-        layout = TokenLayout(tuple((n, t.shape[1]) for n, t in tokens.items()), (H * stride, W * stride),
-                             self.num_global_tokens)
-        return tokens, layout
+        return tokenize(self.input_adapters, inputs, self.num_global_tokens)
 
     def _with_global(self, tokens_BND: Tensor) -> Tensor:
-        global_BGD = self.global_tokens.expand(tokens_BND.shape[0], -1, -1)
-        return torch.cat([tokens_BND, global_BGD], dim=1)
+        return with_global_tokens(tokens_BND, self.global_tokens)
 
     def _encode_visible(self, tokens: dict[str, Tensor], masks: Mapping[str, Tensor],
                         ) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,21 +155,63 @@ class MultiMAE(nn.Module):
             return_layers: 1-based encoder block numbers whose outputs to return (e.g. DPT's [3, 6, 9, 12]);
                 None returns the last block's output.
         """
-        tokens, _ = self._tokenize(inputs)
-        x_BND = self._with_global(torch.cat(list(tokens.values()), dim=1))
-        if return_layers is None:
-            return self.encoder(x_BND)
-        depth = len(self.encoder)
-        bad = [i for i in return_layers if not 1 <= i <= depth]
-        if bad:
-            raise ValueError(f"return_layers: {bad} out of range 1..{depth}")
-        wanted, outputs = set(return_layers), {}
-        if not wanted:
-            return []
-        for i, block in enumerate(self.encoder, start=1):
-            x_BND = block(x_BND)
-            if i in wanted:
-                outputs[i] = x_BND
-            if i >= max(wanted):
-                break
-        return [outputs[i] for i in return_layers]
+        return encode_unmasked(self.input_adapters, self.encoder, self.global_tokens, inputs,
+                               return_layers=return_layers)[0]
+
+
+def tokenize(input_adapters: Mapping[str, nn.Module], inputs: Mapping[str, Tensor], num_global_tokens: int,
+             ) -> tuple[dict[str, Tensor], TokenLayout]:
+    """Run the input adapters of the present modalities (adapter order); extra input keys are ignored.
+
+    Returns the tokens per modality (`[B, N_m, D]`) and their `TokenLayout` once concatenated.
+    """
+    names = [n for n in input_adapters if n in inputs]
+    if not names:
+        raise ValueError(f"inputs: none of the model's input modalities {list(input_adapters)} is present "
+                         f"(got {sorted(inputs)})")
+    tokens = {n: input_adapters[n](inputs[n]) for n in names}
+    # Full-resolution image size from the first modality: its grid times its stride.
+    stride = input_adapters[names[0]].stride_level
+    H, W = inputs[names[0]].shape[-2:]
+    layout = TokenLayout(tuple((n, t.shape[1]) for n, t in tokens.items()), (H * stride, W * stride),
+                         num_global_tokens)
+    return tokens, layout
+
+
+def with_global_tokens(tokens_BND: Tensor, global_tokens_1GD: Tensor) -> Tensor:
+    """Append the global tokens after the patch tokens: `[B, N + G, D]`."""
+    return torch.cat([tokens_BND, global_tokens_1GD.expand(tokens_BND.shape[0], -1, -1)], dim=1)
+
+
+def encode_unmasked(input_adapters: Mapping[str, nn.Module], encoder: nn.Sequential, global_tokens_1GD: Tensor,
+                    inputs: Mapping[str, Tensor], *, return_layers: Sequence[int] | None = None,
+                    ) -> tuple[Tensor | list[Tensor], TokenLayout]:
+    """The unmasked encoder pass shared by `MultiMAE.encode` and the fine-tuning model (the original's MultiViT).
+
+    Tokenises the present modalities in adapter order, appends the global tokens and runs the encoder blocks.
+
+    Args:
+        return_layers: 1-based block numbers whose outputs to return, in that order; None returns the last block's
+            output `[B, N + G, D]`. Blocks after the deepest requested one are not run.
+
+    Returns:
+        (the encoder output or the list of requested block outputs, the token layout of the inputs).
+    """
+    tokens, layout = tokenize(input_adapters, inputs, global_tokens_1GD.shape[1])
+    x_BND = with_global_tokens(torch.cat(list(tokens.values()), dim=1), global_tokens_1GD)
+    if return_layers is None:
+        return encoder(x_BND), layout
+    depth = len(encoder)
+    bad = [i for i in return_layers if not 1 <= i <= depth]
+    if bad:
+        raise ValueError(f"return_layers: {bad} out of range 1..{depth}")
+    wanted, outputs = set(return_layers), {}
+    if not wanted:
+        return [], layout
+    for i, block in enumerate(encoder, start=1):
+        x_BND = block(x_BND)
+        if i in wanted:
+            outputs[i] = x_BND
+        if i >= max(wanted):
+            break
+    return [outputs[i] for i in return_layers], layout

@@ -1,7 +1,9 @@
-"""The training loop: `train_step` (one optimizer step over micro-batches), `evaluate` and `fit`.
+"""The training loop: `train_step` (one optimizer step over micro-batches), `fit` and `evaluate_only`.
 
 `fit` runs unchanged in one process, under torchrun and inside Ray Train workers; it talks to the outside only
-through a `Reporter` and reads batches from a `DataSource` (see `reporting.py`).
+through a `Reporter` and reads batches from a `DataSource` (see `reporting.py`). What is optimised is an `Objective`
+(`objectives.py`): masked reconstruction for ``stage: pretrain``, a task loss and task metrics for
+``stage: finetune``; accumulation, DDP, schedules, layer-wise decay, checkpoints, resume and reporting are the same.
 
 Optimisation does not depend on the worker count: every optimizer step consumes ``train.global_batch_size`` samples
 as ``accum = global / (per_worker * world_size)`` micro-batches per rank, each loss scaled by ``1 / accum`` (DDP then
@@ -19,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,64 +30,39 @@ import torch
 from torch import Tensor, nn
 
 from multimae_core.config import TrainConfig
-from multimae_core.losses import compute_losses
-from multimae_core.masking import sample_masks
-from multimae_core.modalities import get_modality
 from multimae_core.training import distributed as dist_utils
 from multimae_core.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from multimae_core.training.objectives import (
+    FIGURE_SAMPLES,
+    Objective,
+    StepSettings,
+    all_reduce_sum,
+    batch_masks,
+    derive_seed,
+    evaluate,
+    forward_losses,
+    make_objective,
+    to_device,
+)
 from multimae_core.training.optim import build_optimizer, lr_at, peak_lr, set_lr
-from multimae_core.training.reporting import MASK_KEY_PREFIX, DataSource, Reporter
+from multimae_core.training.reporting import DataSource, Reporter
 
-__all__ = ["FitResult", "StepOutput", "StepSettings", "TrainStep", "build_step", "evaluate", "fit", "train_step"]
+__all__ = [
+    "FitResult",
+    "StepOutput",
+    "StepSettings",
+    "TrainStep",
+    "batch_masks",
+    "build_step",
+    "derive_seed",
+    "evaluate",
+    "evaluate_only",
+    "fit",
+    "forward_losses",
+    "train_step",
+]
 
 logger = logging.getLogger(__name__)
-
-_MASK64 = (1 << 64) - 1
-_VAL_STREAM = 1 << 40
-"""Offset of the mask-seed 'step' used for validation batches (fixed across epochs)."""
-_FIGURE_STREAM = (1 << 40) + 1
-"""Offset of the mask-seed 'step' used for the reconstruction figure."""
-_FIGURE_SAMPLES = 2
-
-
-def derive_seed(*parts: int) -> int:
-    """Mix integers into one 63-bit seed (splitmix64 finaliser), so nearby inputs give unrelated streams."""
-    x = 0x9E3779B97F4A7C15
-    for part in parts:
-        x = (x ^ (part & _MASK64)) & _MASK64
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
-        x ^= x >> 31
-    return x & ((1 << 63) - 1)
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """What one training step needs from the config (no model or optimizer)."""
-
-    inputs: tuple[str, ...]
-    patch_size: int
-    num_encoded_tokens: int
-    alphas: float | Mapping[str, float] = 1.0
-    sample_tasks_uniformly: bool = False
-    loss_weights: Mapping[str, float] = field(default_factory=dict)
-    loss_on_unmasked: bool = False
-    precision: str = "fp32"
-    grad_clip: float | None = None
-
-    @classmethod
-    def from_config(cls, cfg: TrainConfig) -> StepSettings:
-        """Read the masking, loss and numerics sections."""
-        return cls(inputs=tuple(cfg.modalities.inputs), patch_size=cfg.model.patch_size,
-                   num_encoded_tokens=cfg.masking.num_encoded_tokens, alphas=cfg.masking.alphas,
-                   sample_tasks_uniformly=cfg.masking.sample_tasks_uniformly, loss_weights=dict(cfg.loss.weights),
-                   loss_on_unmasked=cfg.loss.loss_on_unmasked, precision=cfg.train.precision,
-                   grad_clip=cfg.train.grad_clip)
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        """Autocast context for the forward pass (disabled for fp32)."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @dataclass
@@ -98,47 +75,8 @@ class StepOutput:
     """Global gradient norm before clipping (unscaled under fp16)."""
 
 
-def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _num_tokens(batch: Mapping[str, Tensor], inputs: Sequence[str], patch_size: int) -> dict[str, int]:
-    """Tokens per input modality from the tensor sizes (a modality at stride s uses patches of patch_size/s)."""
-    out = {}
-    for name in inputs:
-        p = patch_size // get_modality(name).stride_level
-        H, W = batch[name].shape[-2:]
-        out[name] = (H // p) * (W // p)
-    return out
-
-
-def batch_masks(batch: Mapping[str, Tensor], settings: StepSettings, generator: torch.Generator | None,
-                device: torch.device) -> dict[str, Tensor]:
-    """The batch's precomputed ``mask.<m>`` tensors when present, else masks drawn from ``generator``."""
-    given = {k[len(MASK_KEY_PREFIX):]: v for k, v in batch.items() if k.startswith(MASK_KEY_PREFIX)}
-    if given:
-        missing = [m for m in settings.inputs if m not in given]
-        if missing:
-            raise ValueError(f"batch: precomputed masks lack input modalities {missing}")
-        return {m: given[m].to(device) for m in settings.inputs}
-    B = batch[settings.inputs[0]].shape[0]
-    return sample_masks(_num_tokens(batch, settings.inputs, settings.patch_size), B, settings.num_encoded_tokens,
-                        alphas=settings.alphas, sample_tasks_uniformly=settings.sample_tasks_uniformly,
-                        generator=generator, device=device)
-
-
-def forward_losses(model: nn.Module, batch: Mapping[str, Tensor], masks: Mapping[str, Tensor],
-                   settings: StepSettings, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Masked forward (under autocast) and fp32 losses; returns (losses, predictions)."""
-    with settings.autocast(device):
-        preds, used = model({m: batch[m] for m in settings.inputs}, masks)
-    losses = compute_losses(preds, batch, used, weights=settings.loss_weights,
-                            loss_on_unmasked=settings.loss_on_unmasked)
-    return losses, preds
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[Mapping[str, Tensor]],
-               settings: StepSettings, *, device: torch.device, scaler: torch.amp.GradScaler | None = None,
+               settings: Any, *, device: torch.device, scaler: torch.amp.GradScaler | None = None,
                mask_generator: torch.Generator | None = None, mask_seeds: Sequence[int] | None = None,
                ) -> StepOutput:
     """Forward, loss, backward over the micro-batches, then one (clipped, scaled) optimizer step.
@@ -146,6 +84,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     Args:
         model: The model, DDP-wrapped when distributed (gradients sync on the last micro-batch only).
         micro_batches: This rank's share of one global batch; each loss is scaled by ``1 / len(micro_batches)``.
+        settings: The objective's step settings (`StepSettings` for pretraining): ``losses(model, batch, generator,
+            device)`` gives the micro-batch's losses with a ``total``; ``grad_clip`` the clipping norm.
         mask_generator: Generator on ``device`` for masks; re-seeded with ``mask_seeds[i]`` before micro-batch i
             when seeds are given. Batches carrying ``mask.<m>`` tensors use those instead.
     """
@@ -154,13 +94,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     sums: dict[str, Tensor] = {}
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     for i, micro in enumerate(micro_batches):
-        batch = _to_device(micro, device)
+        batch = to_device(micro, device)
         if mask_generator is not None and mask_seeds is not None:
             mask_generator.manual_seed(mask_seeds[i])
-        masks = batch_masks(batch, settings, mask_generator, device)
         sync = model.no_sync() if is_ddp and i < n - 1 else contextlib.nullcontext()
         with sync:
-            losses, _ = forward_losses(model, batch, masks, settings, device)
+            losses = settings.losses(model, batch, mask_generator, device)
             loss = losses["total"] / n
             (scaler.scale(loss) if scaler is not None else loss).backward()
         for k, v in losses.items():
@@ -178,45 +117,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     else:
         optimizer.step()
     return StepOutput(losses=sums, grad_norm=grad_norm.detach())
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[Mapping[str, Tensor]], settings: StepSettings, *,
-             device: torch.device, seed: int, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Sample-weighted mean losses over ``batches`` (this rank's shard), averaged over ranks.
-
-    Batch i of rank r uses masks seeded by ``(seed, i * world_size + r)``, the same every epoch. Every rank must call
-    this (one all-reduce at the end); a rank with no batches contributes nothing.
-    """
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=device)
-    names = sorted([*dist_utils.unwrap_model(model).output_adapters, "total"])
-    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in names}
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    for i, micro in enumerate(batches):
-        batch = _to_device(micro, device)
-        generator.manual_seed(derive_seed(seed, _VAL_STREAM, i * world_size + rank))
-        masks = batch_masks(batch, settings, generator, device)
-        losses, _ = forward_losses(model, batch, masks, settings, device)
-        B = batch[settings.inputs[0]].shape[0]
-        for k in names:
-            sums[k] += losses[k].double() * B
-        count += B
-    model.train(was_training)
-    packed = _all_reduce_sum(torch.stack([count, *[sums[k] for k in names]])).tolist()
-    if packed[0] == 0:
-        return {}
-    return {k: v / packed[0] for k, v in zip(names, packed[1:], strict=True)}
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    if dist_utils.get_world_size() <= 1:
-        return t
-    target = dist_utils.collective_device(t.device)
-    out = t.to(target)
-    dist_utils.all_reduce_sum(out)
-    return out.to(t.device)
 
 
 @dataclass
@@ -338,18 +238,16 @@ class _Run:
     """State of one `fit` call; methods are the phases of the loop."""
 
     def __init__(self, cfg: TrainConfig, reporter: Reporter, data: DataSource, info: dist_utils.DistInfo) -> None:
-        from multimae_core.model.presets import build_model
-
-        if cfg.stage != "pretrain":
-            raise ValueError(f"stage: fit() trains the masked pretraining objective; stage '{cfg.stage}' has no loop")
         self.cfg, self.reporter, self.data, self.info = cfg, reporter, data, info
         self.device = info.device
-        _note_unmasked_samples(cfg)
-        self.settings = StepSettings.from_config(cfg)
+        if cfg.stage == "pretrain":
+            _note_unmasked_samples(cfg)
+        self.objective: Objective = make_objective(cfg)
+        self.settings = self.objective.settings
         self.accum = _accumulation(cfg, info.world_size)
         self.schedule = _schedule(cfg, data, self.accum)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.raw = build_model(cfg.model, inputs=cfg.modalities.inputs, outputs=cfg.modalities.outputs)
+        self.raw = self.objective.build_model()
         self.raw.to(self.device)
         _seed_process(cfg.train.seed + info.rank)  # dropout / drop-path streams differ per rank, as the original
         self.optimizer = build_optimizer(self.raw, cfg.optim, num_layers=len(self.raw.encoder))
@@ -358,11 +256,13 @@ class _Run:
         self.step = self.epoch = self.batches_in_epoch = 0
         self.last_checkpoint_step = -1
         self.resumed = self._resume()
+        if not self.resumed:
+            # Pretrained weights are loaded in place (the optimizer keeps its parameter references); every rank
+            # reads the same file, so the replicas start equal.
+            self.objective.initialise(self.raw)
         model: nn.Module = torch.compile(self.raw) if cfg.train.compile else self.raw
-        # Every parameter gets a gradient in the default decoder; without cross-attention or task queries some
-        # context parameters may not, and DDP then has to look for them each step.
-        find_unused = not (cfg.model.decoder_use_xattn and cfg.model.decoder_use_task_queries)
-        self.model = dist_utils.wrap_ddp(model, self.device, find_unused_parameters=find_unused)
+        self.model = dist_utils.wrap_ddp(model, self.device,
+                                         find_unused_parameters=self.objective.find_unused_parameters)
         self.window = _Window()
         self.last_metrics: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}
@@ -419,7 +319,7 @@ class _Run:
 
     def _step(self, group: list[dict[str, Tensor]], data_wait: float) -> None:
         if self.figure_batch is None and self.info.is_main:
-            self.figure_batch = {k: v[:_FIGURE_SAMPLES].clone() for k, v in group[0].items()}
+            self.figure_batch = {k: v[:FIGURE_SAMPLES].clone() for k, v in group[0].items()}
         set_lr(self.optimizer, self.schedule.lr(self.step))
         seeds = [derive_seed(self.cfg.train.seed, self.step, self.info.rank * self.accum + i)
                  for i in range(self.accum)]
@@ -442,7 +342,7 @@ class _Run:
             return
         names = sorted(w.losses)
         packed = torch.stack([*[w.losses[k].float() for k in names], torch.as_tensor(w.grad_norm).float()])
-        packed = _all_reduce_sum(packed.to(self.device)) / (w.steps * self.info.world_size)
+        packed = all_reduce_sum(packed.to(self.device)) / (w.steps * self.info.world_size)
         values = packed.tolist()  # the one host sync of a reporting window
         elapsed = time.perf_counter() - w.start
         metrics = {f"train/loss/{k}": v for k, v in zip(names, values[:-1], strict=True)}
@@ -469,11 +369,11 @@ class _Run:
         if not self.has_val:
             return
         batches = self.data.epoch_batches(self.epoch, split="val")
-        values = evaluate(self.raw, batches, self.settings, device=self.device, seed=self.cfg.train.seed,
-                          rank=self.info.rank, world_size=self.info.world_size)
+        values = self.objective.validate(self.raw, batches, device=self.device, seed=self.cfg.train.seed,
+                                         rank=self.info.rank, world_size=self.info.world_size)
         _close(batches)
         if values:
-            self.val_metrics = {f"val/loss/{k}": v for k, v in values.items()}
+            self.val_metrics = {f"val/{k}": v for k, v in values.items()}
             self.reporter.report(self.step, self.val_metrics)
         self.val_done_at = self.step
 
@@ -485,25 +385,15 @@ class _Run:
         first = next(batches, None)
         _close(batches)
         if first is not None and self.info.is_main:
-            self.figure_batch = {k: v[:_FIGURE_SAMPLES].clone() for k, v in first.items()}
+            self.figure_batch = {k: v[:FIGURE_SAMPLES].clone() for k, v in first.items()}
 
-    @torch.no_grad()
     def _log_figure(self) -> None:
         if not self.info.is_main or self.figure_batch is None:
             return
-        from multimae_core.training.figures import reconstruction_figure
-
-        batch = _to_device(self.figure_batch, self.device)
-        self.mask_generator.manual_seed(derive_seed(self.cfg.train.seed, _FIGURE_STREAM))
-        masks = batch_masks(batch, self.settings, self.mask_generator, self.device)
-        self.raw.eval()
-        try:
-            with self.settings.autocast(self.device):
-                preds, used = self.raw({m: batch[m] for m in self.settings.inputs}, masks)
-        finally:
-            self.raw.train()
-        image = reconstruction_figure(batch, preds, used, max_samples=_FIGURE_SAMPLES)
-        self.reporter.log_image(self.step, "reconstruction", image)
+        image = self.objective.figure(self.raw, self.figure_batch, device=self.device,
+                                      generator=self.mask_generator, seed=self.cfg.train.seed)
+        if image is not None:
+            self.reporter.log_image(self.step, self.objective.figure_key, image)
 
     def _checkpoint(self) -> None:
         rng = dist_utils.all_gather_object(capture_rng_state({"masks": self.mask_generator}))
@@ -542,10 +432,13 @@ def fit(cfg: TrainConfig, reporter: Reporter, data: DataSource, *, device: str |
         ) -> FitResult:
     """Train ``cfg`` to ``train.max_steps`` (or ``train.epochs``), resuming from the reporter's latest checkpoint.
 
-    Reports ``train/loss/<head>``, ``train/loss/total``, ``lr``, ``grad_norm``, ``images_per_s``, ``step_time_s``,
-    ``data_wait_s``, ``num_workers``, ``epoch`` (and ``gpu_mem_peak_gib`` on CUDA, ``loss_scale`` with fp16) every
-    ``train.log_every_steps``; ``val/loss/<head>`` after each epoch when the data has a val split; a reconstruction
-    figure every ``train.image_every_steps``; a checkpoint every ``checkpoint.every_steps`` and at the end.
+    ``cfg.stage`` picks the objective: masked reconstruction (pretrain) or the ``finetune`` task, which starts from
+    ``init.checkpoint_url`` when the run does not resume. Reports ``train/loss/<head>``, ``train/loss/total``,
+    ``lr``, ``grad_norm``, ``images_per_s``, ``step_time_s``, ``data_wait_s``, ``num_workers``, ``epoch`` (and
+    ``gpu_mem_peak_gib`` on CUDA, ``loss_scale`` with fp16) every ``train.log_every_steps``; ``val/...`` after each
+    epoch when the data has a val split (``val/loss/<head>``; fine-tuning adds the task metrics, e.g. ``val/top1``,
+    ``val/miou``, ``val/delta1``); a figure every ``train.image_every_steps``; a checkpoint every
+    ``checkpoint.every_steps`` and at the end.
 
     Args:
         device: Training device; None picks ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU.
@@ -553,6 +446,45 @@ def fit(cfg: TrainConfig, reporter: Reporter, data: DataSource, *, device: str |
     info = dist_utils.init_distributed(device)
     try:
         return _Run(cfg, reporter, data, info).run()
+    finally:
+        dist_utils.shutdown_distributed(info)
+
+
+def evaluate_only(cfg: TrainConfig, data: DataSource, *, reporter: Reporter | None = None,
+                  device: str | torch.device | None = None) -> dict[str, float]:
+    """Validation metrics of the weights in ``init.checkpoint_url`` on ``data``'s val split, without training.
+
+    The checkpoint must hold the whole model (a fine-tuned head included). With a ``reporter`` the metrics are
+    reported at step 0 as ``val/<metric>`` and a prediction figure is logged. Returns the metrics without the
+    ``val/`` prefix.
+    """
+    info = dist_utils.init_distributed(device)
+    try:
+        objective = make_objective(cfg)
+        torch.manual_seed(cfg.train.seed)
+        model = objective.build_model().to(info.device)
+        objective.initialise(model, require_head=True)
+        batches = data.epoch_batches(0, split="val")
+        first: dict[str, Tensor] | None = None
+
+        def keep_first(it: Any) -> Any:
+            nonlocal first
+            for batch in it:
+                if first is None:
+                    first = {k: v[:FIGURE_SAMPLES].clone() for k, v in batch.items()}
+                yield batch
+
+        values = objective.validate(model, keep_first(batches), device=info.device, seed=cfg.train.seed,
+                                    rank=info.rank, world_size=info.world_size)
+        _close(batches)
+        if reporter is not None and values:
+            reporter.report(0, {f"val/{k}": v for k, v in values.items()})
+            if info.is_main and first is not None:
+                image = objective.figure(model, first, device=info.device,
+                                         generator=torch.Generator(device=info.device), seed=cfg.train.seed)
+                if image is not None:
+                    reporter.log_image(0, objective.figure_key, image)
+        return values
     finally:
         dist_utils.shutdown_distributed(info)
 

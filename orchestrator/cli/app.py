@@ -25,7 +25,8 @@ app = typer_factory(
 
 _GROUPS: tuple[tuple[str, str | None], ...] = (
     # (module in orchestrator.cli, group name; None puts the module's commands at the top level)
-    ("jobs", None),  # launch, status, logs, down, finetune, eval, export
+    ("jobs", None),  # launch, status, logs, down
+    ("finetune", None),  # finetune, eval, export
     ("data", "data"),
     ("config", "config"),
 )

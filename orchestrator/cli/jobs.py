@@ -6,12 +6,15 @@ Commands are thin: the work happens in `orchestrator.launch` (task, checks, boun
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from orchestrator.cli import console
 from orchestrator.cli.options import DryRunOpt, JobArg, JsonOpt, LocalOpt, SetOpt, YesOpt, typer_factory
+
+if TYPE_CHECKING:
+    from orchestrator.spec import JobSpec
 
 app = typer_factory()  # no name: app.py merges these commands into the root (mmae launch, not mmae jobs launch)
 
@@ -55,9 +58,17 @@ def launch(
     contacts no cloud.
     """
     from orchestrator import spec
-    from orchestrator.errors import UserError
 
     resolved = spec.load_job(job, sets or [])
+    launch_resolved(resolved, dry_run=dry_run, detach=detach, yes=yes, local=local, fresh=fresh, managed=managed)
+
+
+def launch_resolved(resolved: JobSpec, *, dry_run: bool = False, detach: bool = False, yes: bool = False,
+                    local: bool = False, fresh: bool = False, managed: bool = False) -> str | None:
+    """Launch a validated job here (--local; returns the MLflow run id) or on SkyPilot (what `mmae launch` does
+    after loading the job file; `mmae finetune` calls it too)."""
+    from orchestrator.errors import UserError
+
     if local:
         if dry_run or managed or detach:
             raise UserError("--local runs here and now: it does not combine with --dry-run, --managed or --detach")
@@ -66,7 +77,7 @@ def launch(
         run_id = run_local(resolved, fresh=fresh)
         console.info(f"run {run_id} done; see `mmae status`")
         console.out(run_id)
-        return
+        return run_id
 
     from orchestrator.launch import sky as sky_task
 
@@ -78,7 +89,7 @@ def launch(
         console.out(plan.yaml())
         console.info(f"dry run: nothing launched. Launch this YAML with SkyPilot itself: "
                      f"{sky_task.sky_launch_hint(plan)}")
-        return
+        return None
 
     from orchestrator.launch.boundary import get_boundary
 
@@ -104,7 +115,7 @@ def launch(
     code = result.get("returncode")
     if code:
         raise typer.Exit(int(code))
-
+    return None
 
 
 @app.command("status")

@@ -309,10 +309,10 @@ def pseudolabel(images: str, out: str, *, depth_model: str, seg_model: str, size
             writer.write_encoded(row["key"], files, size=(size, size))
             count += 1
     except Exception as err:
-        cause = _our_error(err)
-        if cause is None:
+        message = _our_error(err)
+        if message is None:
             raise
-        raise ValueError(str(cause)) from err
+        raise ValueError(message) from err
     skipped = total - count
     if skipped and not skip_bad:
         raise ValueError(f"{images}: {skipped} images were lost in labelling")
@@ -320,8 +320,9 @@ def pseudolabel(images: str, out: str, *, depth_model: str, seg_model: str, size
     return PseudolabelResult(writer.close(), skipped, reasons)
 
 
-def _our_error(err: BaseException) -> BaseException | None:
-    """The ValueError raised in one of our Ray Data functions, unwrapped from Ray's task errors."""
+def _our_error(err: BaseException) -> str | None:
+    """The message of a ValueError raised in one of our Ray Data functions, unwrapped from Ray's task errors (which
+    carry the remote exception as text)."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [err]
     while stack:
@@ -330,6 +331,7 @@ def _our_error(err: BaseException) -> BaseException | None:
             continue
         seen.add(id(e))
         if type(e) is ValueError or type(e).__name__ == "ShardDataError":
-            return e
+            return str(e)
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+    found = re.search(r"^(?:ValueError|\S*ShardDataError): (.+)$", str(err), flags=re.MULTILINE)
+    return found.group(1) if found else None

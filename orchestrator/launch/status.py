@@ -30,6 +30,7 @@ __all__ = [
     "Target",
     "collect",
     "down",
+    "link_children",
     "resolve_target",
     "tail_logs",
     "tracking_uri",
@@ -134,6 +135,17 @@ def run_row(run: Any, *, now: float | None = None) -> dict[str, Any]:
         "recoveries": None,
         "checkpoint_uri": tags.get("mmae.checkpoint_uri"),
     }
+
+
+def link_children(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every run row ``children``: the run ids of the listed runs whose parent it is (fine-tuning lineage)."""
+    children: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("parent_run_id"):
+            children.setdefault(row["parent_run_id"], []).append(row["run_id"])
+    for row in rows:
+        row["children"] = children.get(row["run_id"], [])
+    return rows
 
 
 def _sky_row(name: str | None, *, cluster: str | None, state: str | None, resources: str | None,
@@ -372,7 +384,7 @@ def collect(*, all_runs: bool = False, boundary: Boundary | None = None, uri: st
     else:
         try:
             now = time.time()
-            runs = [run_row(r, now=now) for r in search_runs(uri, all_runs=all_runs)]
+            runs = link_children([run_row(r, now=now) for r in search_runs(uri, all_runs=all_runs)])
         except Exception as err:  # noqa: BLE001 - show SkyPilot's side even when MLflow fails
             unreachable.append(f"MLflow runs not shown ({_one_line(err)})")
     clusters, managed, sky_problems = _sky_state(boundary, all_users=all_runs)

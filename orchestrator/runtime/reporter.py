@@ -2,10 +2,11 @@
 
 * Checkpoints go through `ray.train.report` (a barrier: every rank calls it once per checkpoint; rank 0 hands over
   the directory, the others None), so Ray Train persists them to ``checkpoint.storage_url`` and restores the latest
-  one on restart, resize or relaunch.
+  one on restart, resize or relaunch. Rank 0 goes on only once Ray Train has registered the checkpoint, so a failure
+  after it never resumes from an older one.
 * Metrics, images and checkpoint tags go to MLflow from rank 0 only, with a plain `MlflowClient` on the run id the
   driver created. They are buffered and sent by a background thread, so the training step never waits on the
-  tracking server (a checkpoint flushes the buffer).
+  tracking server (a checkpoint flushes the buffer before Ray Train registers it).
 """
 
 from __future__ import annotations
@@ -201,6 +202,10 @@ class RayReporter:
         import ray.train
 
         metrics = {"step": int(step), **self._last}
+        if self._mlflow is not None:
+            # Metrics up to this step go out before the checkpoint counts: a restart resumes after this step and never
+            # logs them again, and Ray Train may stop the workers right after registering it (elastic resize).
+            self._mlflow.flush(timeout=30)
         parent = tempfile.mkdtemp(prefix="mmae-ckpt-")
         path = os.path.join(parent, "checkpoint")
         name = checkpoint_dir_name(step)
@@ -217,6 +222,12 @@ class RayReporter:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         finally:
             shutil.rmtree(parent, ignore_errors=True)
+        if checkpoint is not None:
+            # `report` returns once the checkpoint is uploaded, but Ray Train registers it (the run snapshot a restart
+            # resumes from) only when the controller next polls the workers, up to one health-check interval later; a
+            # worker dying meanwhile would send the restart back to the checkpoint before. Waiting here makes every
+            # checkpoint count before training goes on; the other ranks wait for rank 0 in their next collective.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if self._mlflow is not None and checkpoint is not None:
             uri = f"{self.storage_url}/{self.run_key}/{name}" if self.storage_url else name
             self._mlflow.tags({"mmae.checkpoint_uri": uri, "mmae.checkpoint_step": str(int(step))})

@@ -24,8 +24,11 @@ def trainer_datasets(job: JobSpec) -> dict[str, Any]:
     """Extra `TorchTrainer` keyword arguments for Ray Data ingest (``datasets=...``), or {} for the shard loader.
 
     Uses ``orchestrator.runtime.ingest.trainer_datasets(job)`` when the ingest module provides it; workers then read
-    their shard with ``ray.train.get_dataset_shard`` (see `build_data_source`).
+    their shard with ``ray.train.get_dataset_shard`` (see `build_data_source`). Fine-tuning always uses the shard
+    loader (its batches carry the task targets).
     """
+    if job.stage == "finetune":
+        return {}
     try:
         from orchestrator.runtime import ingest
     except ImportError:
@@ -36,8 +39,13 @@ def trainer_datasets(job: JobSpec) -> dict[str, Any]:
 
 def build_data_source(job: JobSpec, *, rank: int, world_size: int) -> DataSource:
     """This worker's `DataSource`: the Ray Data shard when the trainer was given datasets, else the plain shard
-    loader over ``data.train_url`` / ``data.val_url`` split by world rank."""
+    loader over ``data.train_url`` / ``data.val_url`` split by world rank (with the task targets when fine-tuning)."""
     import ray.train
+
+    if job.stage == "finetune":
+        from multimae_core.data.tasks import FinetuneDataSource
+
+        return FinetuneDataSource.from_config(job, rank=rank, world_size=world_size)
 
     try:
         shard = ray.train.get_dataset_shard("train")
@@ -63,6 +71,16 @@ def train_fn(config: dict[str, Any]) -> None:
     from orchestrator.spec import JobSpec
 
     job = JobSpec.model_validate(config["job"])
+    init_dir = None
+    if job.init.checkpoint_url is not None and ray.train.get_checkpoint() is None:
+        # A fresh run starts from init.checkpoint_url; MLflow artifact URIs are fetched here (a resumed run reads its
+        # own checkpoint instead and never needs them).
+        import tempfile
+
+        from orchestrator.runtime.pretrained import localize_init
+
+        init_dir = tempfile.TemporaryDirectory(prefix="mmae-init-")
+        job = localize_init(job, init_dir.name, uri=config.get("tracking_uri"))
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -76,3 +94,5 @@ def train_fn(config: dict[str, Any]) -> None:
         fit(job, reporter, data, device=device)
     finally:
         reporter.close()
+        if init_dir is not None:
+            init_dir.cleanup()

@@ -25,9 +25,9 @@ def folders(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ray_session(ray_local):
-    import ray
-
     import sys
+
+    import ray
 
     ray.init(address=ray_local, ignore_reinit_error=True)
     # Ray Train workers cannot import this test module; ship its functions by value.

@@ -143,7 +143,39 @@ def test_unreachable_model_id_says_how_to_pass_local_weights(models, photos, tmp
         main(["data", "pseudolabel", "--images", str(photos), "--out", str(tmp_path / "o"),
               "--depth-model", "Intel/dpt-hybrid-midas", "--seg-model", str(models["seg"])])
     assert exit.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: cannot load the depth model 'Intel/dpt-hybrid-midas'")
-    assert "save_pretrained('DIR')" in err and "pass --depth-model DIR" in err
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot load the depth model 'Intel/dpt-hybrid-midas'")
+    assert "save_pretrained('DIR')" in errors[0] and "pass --depth-model DIR" in errors[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_mask2former_semantic_maps_match_the_image_processor(models, tmp_path):
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    from orchestrator.data.pseudolabel import Labeler
+
+    torch.manual_seed(1)
+    cfg = Mask2FormerConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                                   out_features=["stage1", "stage2", "stage3", "stage4"]),
+        feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_layers=1, decoder_layers=2, num_queries=8,
+        encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2, num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    model = Mask2FormerForUniversalSegmentation(cfg).eval()
+    model.save_pretrained(tmp_path / "m2f")
+    rgb = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    out = Labeler(str(models["dpt"]), str(tmp_path / "m2f"), model_size=SIZE, device="cpu")(
+        {"key": np.array(["a", "b"], dtype=object), "rgb": rgb})
+
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    x = torch.from_numpy(((rgb / 255.0 - mean) / std).transpose(0, 3, 1, 2)).float()
+    with torch.no_grad():
+        outputs = model(pixel_values=x)
+    want = Mask2FormerImageProcessor().post_process_semantic_segmentation(outputs, target_sizes=[(SIZE, SIZE)] * 2)
+    for i in range(2):
+        assert (out["semseg"][i] == want[i].numpy()).mean() > 0.99

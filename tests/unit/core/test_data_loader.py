@@ -161,3 +161,18 @@ def test_from_config_and_missing_modality(ids_url):
     assert collections.Counter(len(b["rgb"]) for b in src.epoch_batches(0)) == {4: N // 8}
     with pytest.raises(ValueError, match=r"data.train_url .* the job needs \['normal'\]"):
         ShardDataSource(ids_url, per_worker_batch_size=4, modalities=["rgb", "normal"])
+
+
+def test_persistent_workers_survive_an_abandoned_epoch(ids_url):
+    src = _source(ids_url, num_workers=2)
+    full = [b["semseg"].clone() for b in src.epoch_batches(1)]
+    partial = src.epoch_batches(0)
+    next(partial)
+    partial.close()  # the training loop takes one batch for its figures and drops the iterator
+    again = list(src.epoch_batches(1))
+    assert len(again) == len(full) and sorted(_ids(again)) == list(range(N))
+    for x, y in zip(full, again, strict=True):
+        torch.testing.assert_close(x, y["semseg"], rtol=0, atol=0)
+    resumed = list(src.epoch_batches(1, skip=3))
+    assert _ids(resumed) == _ids(again[3:])
+    assert len(src._loaders) == 1  # one set of worker processes for all these epochs

@@ -213,3 +213,15 @@ def test_requesting_a_modality_the_shards_lack(tmp_path):
     _write(url, {"a": _good(np.random.default_rng(7))})
     with pytest.raises(ValueError, match=r"missing \['normal'\]"):
         list(iter_shard_samples(url, modalities=["rgb", "normal"]))
+
+
+def test_format_code_is_torch_free():
+    """Shards, synthetic scenes and transforms run where torch is absent (data prep boxes, Ray CPU tasks)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, multimae_core.data, multimae_core.data.shards, multimae_core.data.synth, "
+            "multimae_core.data.transforms; print(sorted(m for m in ('torch', 'ray', 'typer', 'mlflow', 'orchestrator')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ from multimae_core.model.heads import (
     default_dpt_hooks,
     load_pretrained_encoder,
 )
-from multimae_core.model.input_adapters import SemSegInputAdapter
+from multimae_core.model.input_adapters import PatchInputAdapter, SemSegInputAdapter
 from multimae_core.model.multimae import MultiMAE
 from multimae_core.model.output_adapters import TokenLayout
 from multimae_core.training.optim import layer_id
@@ -172,7 +172,8 @@ def test_pretrained_load_pads_semseg_class_embedding(reference_dir) -> None:  # 
     weights = load_file(reference_dir / "weights.safetensors")
     adapters = {"semseg": SemSegInputAdapter(133, padding_idx=133, image_size=64, patch_size=16)}
     backbone = MultiMAE(adapters, embed_dim=64, depth=2, num_heads=4)
-    model = FinetuneModel(backbone, ConvNeXtSegHead(5, main_tasks=("semseg",), embed_dim=256), name="semseg")
+    model = FinetuneModel.from_multimae(backbone, ConvNeXtSegHead(5, main_tasks=("semseg",), embed_dim=256),
+                                        name="semseg")
     report = load_pretrained_encoder(model, weights)
     assert report.padded == ("input_adapters.semseg.class_emb.weight",)
     table = model.state_dict()["input_adapters.semseg.class_emb.weight"]
@@ -216,11 +217,26 @@ def test_forward_errors_and_hook_range() -> None:
     assert FinetuneTask(kind="semseg", inputs=("depth", "rgb"), num_classes=3).head_inputs == ("rgb",)
 
 
-def test_dtype_change_reaches_the_backbone() -> None:
+def test_dtype_and_device_changes_reach_every_tensor() -> None:
     _, model = make("cls", ("rgb",))
     model.to(torch.float64)
-    backbone = model.__dict__["_backbone"]
-    assert backbone.global_tokens.dtype == torch.float64
-    assert backbone.global_tokens is model.global_tokens
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.global_tokens.dtype == torch.float64
     assert model({"rgb": batch()["rgb"].double()}).dtype == torch.float64
 
+
+def test_encode_is_multimae_encode() -> None:
+    """The fine-tuning model's encoder pass is MultiMAE.encode's, on the same weights."""
+    torch.manual_seed(0)
+    backbone = MultiMAE({"rgb": PatchInputAdapter(3, image_size=64, patch_size=16),
+                         "semseg": SemSegInputAdapter(7, image_size=64, patch_size=16)}, embed_dim=64, depth=2,
+                        num_heads=4)
+    data = {"rgb": torch.randn(2, 3, 64, 64), "semseg": torch.randint(0, 7, (2, 16, 16))}
+    with torch.no_grad():
+        want = backbone.encode(data)
+        want_layers = backbone.encode(data, return_layers=[2, 1])
+    model = FinetuneModel.from_multimae(backbone, ConvNeXtSegHead(3, main_tasks=("rgb",), embed_dim=64), name="x")
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(data), want, rtol=0, atol=0)
+        for got, ref in zip(model.encode(data, return_layers=[2, 1]), want_layers, strict=True):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
