@@ -5,8 +5,13 @@ the samples that have at least one masked patch (the original's ``nanmean``). Th
 per-patch sums instead of an upsampled pixel mask: ``sum(loss * mask_pixels) / sum(mask_pixels)`` equals
 ``sum(patch_sum * mask_patches) / (num_masked_patches * p * p)``, with no mask upsampling and no host sync.
 
+`compute_patch_losses` is the training path: it takes the decoders' patch predictions (`MultiMAE.forward(...,
+patches=True)`, `[B, N, C * p * p]`) and patchifies the targets instead of un-patchifying the predictions; every
+loss is then a mean per token, and the values equal `compute_losses` on the images up to float rounding.
+
 Legend: B batch, C channels (classes for logits), H/W pixel rows/columns at the modality's own resolution,
-N tokens (patches) per modality, h/w patch grid (h * w = N), p patch side at the modality's resolution.
+N tokens (patches) per modality, h/w patch grid (h * w = N), p patch side at the modality's resolution,
+X = C * p * p values of one patch token.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from multimae_core.modalities import get_modality
 
 __all__ = [
     "compute_losses",
+    "compute_patch_losses",
     "masked_cross_entropy_loss",
     "masked_l1_loss",
     "masked_mse_loss",
     "norm_pix_target",
     "patch_side",
+    "patchify",
     "standardize_depth",
 ]
 
@@ -208,3 +215,100 @@ def _unmasked_loss(name: str, pred: Tensor, target: Tensor, mask_BN: Tensor | No
         p = patch_side(pred.shape[-2], pred.shape[-1], mask_BN.shape[1])
         return masked_mse_loss(pred, target, None, norm_pix=True, patch_size=p, name=name)
     return _head_loss(name, pred, target, None)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, N, C * p * p]`` (or class ids ``[B, H, W]`` -> ``[B, N, p * p]``).
+
+    Tokens in row-major patch order, each token vector in (c, ph, pw) order: the layout of the decoders' patch
+    predictions (`SpatialOutputAdapter.unpatchify` is the inverse).
+    """
+    x_BCHW = x.unsqueeze(1) if x.dim() == 3 else x
+    B, C, H, W = x_BCHW.shape
+    h, w = H // p, W // p
+    return x_BCHW.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)
+
+
+def _masked_token_mean(loss_BN: Tensor, mask_BN: Tensor | None) -> Tensor:
+    """`_masked_reduce` on per-token means: mean over each sample's masked tokens, then over samples with any."""
+    if mask_BN is None:
+        return loss_BN.mean()
+    mask_BN = mask_BN.to(device=loss_BN.device, dtype=loss_BN.dtype)
+    count_B = mask_BN.sum(dim=1)
+    per_sample_B = (loss_BN * mask_BN).sum(dim=1) / count_B.clamp(min=1)
+    valid_B = (count_B > 0).to(loss_BN.dtype)
+    return (per_sample_B * valid_B).sum() / valid_B.sum().clamp(min=1)
+
+
+def _patch_side_of(name: str, pred_BNX: Tensor, target: Tensor, channels: int | None) -> int:
+    """Patch side p of a head from its prediction tokens and target map (``channels`` None: any class count)."""
+    if pred_BNX.dim() != 3:
+        raise ValueError(f"loss of '{name}': patch predictions must be [B, N, C*p*p], got {tuple(pred_BNX.shape)}")
+    B, N, X = pred_BNX.shape
+    H, W = target.shape[-2:]
+    try:
+        p = patch_side(H, W, N)
+    except ValueError as err:
+        raise ValueError(f"loss of '{name}': {err}") from None
+    expected = X if channels is None else channels * p * p
+    if target.shape[0] != B or X != expected or X % (p * p):
+        raise ValueError(f"loss of '{name}': patch predictions {tuple(pred_BNX.shape)} do not match the target "
+                         f"{tuple(target.shape)} ({p}x{p} patches)")
+    return p
+
+
+def _patch_head_loss(name: str, pred_BNX: Tensor, target: Tensor, mask_BN: Tensor | None) -> Tensor:
+    kind = get_modality(name).loss
+    if kind == "ce":
+        if target.dim() != 3:
+            raise ValueError(f"loss of '{name}': labels must be [B, H, W], got {tuple(target.shape)}")
+        p = _patch_side_of(name, pred_BNX, target, None)
+        B, N, X = pred_BNX.shape
+        # [B*N, classes, p*p] logits (the token's (c, ph, pw) order) against [B*N, p*p] labels.
+        logits = pred_BNX.float().reshape(B * N, X // (p * p), p * p)
+        labels = patchify(target, p).reshape(B * N, p * p).long()
+        loss_BN = F.cross_entropy(logits, labels, reduction="none").reshape(B, N, p * p).mean(dim=2)
+        return _masked_token_mean(loss_BN, mask_BN)
+    if target.dim() != 4:
+        raise ValueError(f"loss of '{name}': target must be [B, C, H, W], got {tuple(target.shape)}")
+    p = _patch_side_of(name, pred_BNX, target, target.shape[1])
+    target_BNX = patchify(target.float(), p)
+    if kind == "norm_pix_mse":
+        # Statistics over all C * p * p values of a patch, as `norm_pix_target`.
+        mean = target_BNX.mean(dim=-1, keepdim=True)
+        var = target_BNX.var(dim=-1, keepdim=True)  # unbiased, as the original
+        target_BNX = (target_BNX - mean) / torch.sqrt(var + _EPS)
+    if kind in ("mse", "norm_pix_mse"):
+        loss_BN = F.mse_loss(pred_BNX.float(), target_BNX, reduction="none").mean(dim=-1)
+    elif kind == "l1":
+        loss_BN = F.l1_loss(pred_BNX.float(), target_BNX, reduction="none").mean(dim=-1)
+    else:
+        raise ValueError(f"loss of '{name}': unknown loss kind {kind!r}")
+    return _masked_token_mean(loss_BN, mask_BN)
+
+
+def compute_patch_losses(preds: Mapping[str, Tensor], targets: Mapping[str, Tensor],
+                         masks: Mapping[str, Tensor] | None, *, weights: Mapping[str, float] | None = None,
+                         loss_on_unmasked: bool = False) -> dict[str, Tensor]:
+    """`compute_losses` on patch predictions ``[B, N, C * p * p]`` (tokens in (c, ph, pw) order), same values.
+
+    A patch token holds all ``C * p * p`` values of one patch, so a per-pixel loss averaged over channels and then
+    over a sample's masked pixels is the mean over its masked tokens of each token's mean; the cross-entropy is
+    taken per pixel over the class axis of the token. Targets are patchified (cheap, no gradient) instead of
+    un-patchifying the predictions. Arguments as `compute_losses`.
+    """
+    weights = weights or {}
+    losses: dict[str, Tensor] = {}
+    for name, pred in preds.items():
+        source = get_modality(name).target_name
+        if source not in targets:
+            raise ValueError(f"loss of '{name}': the batch has no '{source}' tensor (keys: {sorted(targets)})")
+        mask_BN = None if masks is None else masks.get(source)
+        if mask_BN is None and not loss_on_unmasked:
+            raise ValueError(f"loss of '{name}': no mask for '{source}' (masks: {sorted(masks or {})})")
+        losses[name] = _patch_head_loss(name, pred, targets[source], None if loss_on_unmasked else mask_BN)
+    if not losses:
+        raise ValueError("compute_patch_losses: no predictions given")
+    total = sum(weights.get(name, 1.0) * loss for name, loss in losses.items())
+    losses["total"] = total  # type: ignore[assignment]
+    return losses

@@ -12,7 +12,6 @@ exactly K tokens of a random order that puts provisionally visible tokens first.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,7 +33,15 @@ def _alphas_M(alphas: float | Mapping[str, float], names: Sequence[str], device:
         values = [float(alphas)] * len(names)
     if any(a <= 0 for a in values):
         raise ValueError("masking.alphas must be positive")
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    # Built on the host and copied without blocking: a plain torch.tensor(..., device="cuda") waits for the copy.
+    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def _nonempty_subsets(num_modalities: int, device: torch.device | str | None) -> Tensor:
+    """The 2^M - 1 non-empty binary subset vectors `[S, M]` in `itertools.product([0, 1], repeat=M)` order."""
+    codes_S = torch.arange(1, 2**num_modalities, device=device)
+    shifts_M = torch.arange(num_modalities - 1, -1, -1, device=device)
+    return ((codes_S[:, None] >> shifts_M) & 1).float()
 
 
 def sample_masks(num_tokens: Mapping[str, int], batch_size: int, num_encoded_tokens: int, *,
@@ -70,7 +77,7 @@ def sample_masks(num_tokens: Mapping[str, int], batch_size: int, num_encoded_tok
 
     if sample_tasks_uniformly:
         # Binary subset vectors in itertools.product order, all-zeros excluded (the original's sample_alphas).
-        subsets_SM = torch.tensor(list(itertools.product([0.0, 1.0], repeat=len(names)))[1:], device=device)
+        subsets_SM = _nonempty_subsets(len(names), device)
         choice_B = torch.randint(0, subsets_SM.shape[0], (B,), generator=generator, device=device)
         alpha_BM = subsets_SM[choice_B] * alpha_M + _UNIFORM_TASK_EPS
     else:
@@ -97,8 +104,14 @@ def sample_masks(num_tokens: Mapping[str, int], batch_size: int, num_encoded_tok
     return dict(zip(names, final_BN.split(sizes, dim=1), strict=True))
 
 
-def masks_to_ids(masks: Mapping[str, Tensor], order: Sequence[str]) -> tuple[Tensor, Tensor]:
+def masks_to_ids(masks: Mapping[str, Tensor], order: Sequence[str], *, num_visible: int | None = None,
+                 ) -> tuple[Tensor, Tensor]:
     """Gather indices for the encoder and decoders from per-modality masks.
+
+    Args:
+        num_visible: The visible-token count K when the caller knows it (masks from `sample_masks`): shapes are then
+            static and nothing waits for the device; the count is still checked, by an asynchronous device assert.
+            None counts it from the masks (one host sync on an accelerator) and checks it with a ValueError.
 
     Returns:
         ids_keep `[B, K]`: visible tokens of the concatenation in `order`, ascending (a stable argsort; the
@@ -114,9 +127,16 @@ def masks_to_ids(masks: Mapping[str, Tensor], order: Sequence[str]) -> tuple[Ten
         raise ValueError(f"masks: no mask for modalities {missing} (have {sorted(masks)})")
     mask_BN = torch.cat([masks[n].to(torch.int64) for n in order], dim=1)
     visible_B = (mask_BN == 0).sum(dim=1)
-    K = int(visible_B[0])
-    if bool((visible_B != K).any()):
-        raise ValueError(f"masks: every sample must have the same number of visible tokens, got {visible_B.tolist()}")
+    if num_visible is None:
+        K = int(visible_B[0])
+        if bool((visible_B != K).any()):
+            raise ValueError(
+                f"masks: every sample must have the same number of visible tokens, got {visible_B.tolist()}")
+    else:
+        K = num_visible
+        if not 0 <= K <= mask_BN.shape[1]:
+            raise ValueError(f"num_visible: {K} is not in [0, {mask_BN.shape[1]}]")
+        torch._assert_async(visible_B.eq(K).all(), f"masks: every sample must have exactly {K} visible tokens")
     ids_shuffle_BN = torch.argsort(mask_BN, dim=1, stable=True)
     # Inverse permutation by scatter (same result as argsort(ids_shuffle), linear instead of N log N).
     ids_restore_BN = torch.empty_like(ids_shuffle_BN)

@@ -16,7 +16,12 @@ from torch import Tensor, nn
 
 from multimae_core.masking import masks_to_ids, sample_masks
 from multimae_core.model.blocks import Block, drop_path_rates
-from multimae_core.model.output_adapters import LinearOutputAdapter, TokenLayout
+from multimae_core.model.output_adapters import (
+    LinearOutputAdapter,
+    SpatialOutputAdapter,
+    TokenLayout,
+    decode_spatial,
+)
 
 __all__ = ["MultiMAE", "encode_unmasked", "tokenize", "with_global_tokens"]
 
@@ -95,34 +100,42 @@ class MultiMAE(nn.Module):
     def _with_global(self, tokens_BND: Tensor) -> Tensor:
         return with_global_tokens(tokens_BND, self.global_tokens)
 
-    def _encode_visible(self, tokens: dict[str, Tensor], masks: Mapping[str, Tensor],
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+    def _encode_visible(self, tokens: dict[str, Tensor], masks: Mapping[str, Tensor], *,
+                        num_visible: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         for name, t in tokens.items():
             if name in masks and tuple(masks[name].shape) != tuple(t.shape[:2]):
                 raise ValueError(f"masks.{name}: expected shape {tuple(t.shape[:2])}, got {tuple(masks[name].shape)}")
         tokens_BND = torch.cat(list(tokens.values()), dim=1)
         # Masks may come from CPU collate workers; the ids must live where the tokens are.
         masks = {n: m.to(tokens_BND.device, non_blocking=True) for n, m in masks.items() if n in tokens}
-        ids_keep_BK, ids_restore_BN = masks_to_ids(masks, list(tokens))
+        ids_keep_BK, ids_restore_BN = masks_to_ids(masks, list(tokens), num_visible=num_visible)
         visible_BKD = torch.gather(tokens_BND, 1, ids_keep_BK.unsqueeze(-1).expand(-1, -1, tokens_BND.shape[-1]))
         return self.encoder(self._with_global(visible_BKD)), ids_keep_BK, ids_restore_BN
 
-    def forward_encoder(self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor],
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_encoder(self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor], *,
+                        num_encoded_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Encode the visible tokens: (tokens `[B, K + G, D]` in ids_keep order, ids_keep `[B, K]`,
-        ids_restore `[B, N]`)."""
+        ids_restore `[B, N]`). `num_encoded_tokens` is K when known (see `forward`)."""
         tokens, _ = self._tokenize(inputs)
-        return self._encode_visible(tokens, masks)
+        return self._encode_visible(tokens, masks, num_visible=num_encoded_tokens)
 
     def forward(self, inputs: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None, *,
                 num_encoded_tokens: int | None = None, alphas: float | Mapping[str, float] = 1.0,
-                generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                generator: torch.Generator | None = None, patches: bool = False,
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Masked forward pass.
 
         Args:
             inputs: modality -> tensor (`[B, C, H/s, W/s]` float, or `[B, H/s, W/s]` int64 class ids).
             masks: modality -> int64 `[B, N_t]`, 1 = masked. Drawn with `sample_masks` when None (then
                 `num_encoded_tokens` is required); normally the data pipeline draws them.
+            num_encoded_tokens: K, visible tokens per sample. Without masks: the budget to draw. With masks: their
+                known visible count, which keeps shapes static and the step free of host syncs (checked by an
+                asynchronous device assert); leave it None for masks of unknown count, which are then counted and
+                validated (one host sync on an accelerator).
+            patches: Return the spatial heads' predictions as patch tokens `[B, n, C * P * P]` (the decoders'
+                output before `SpatialOutputAdapter.unpatchify`), which `losses.compute_patch_losses` takes; the
+                training step uses this to skip building full-resolution images.
 
         Returns:
             (predictions per output adapter, e.g. `[B, C, H/s, W/s]`; the masks used).
@@ -135,17 +148,44 @@ class MultiMAE(nn.Module):
             masks = sample_masks(dict(layout.modalities), B, num_encoded_tokens, alphas=alphas,
                                  generator=generator, device=next(iter(tokens.values())).device)
         masks = {n: masks[n] for n in tokens if n in masks}
-        encoder_tokens, ids_keep, ids_restore = self._encode_visible(tokens, masks)
-
-        preds = {}
-        for name, adapter in self.output_adapters.items():
-            if name in self.fp32_output_adapters:
-                # Autocast off and fp32 inputs: the original runs the semseg head this way for stable logits.
-                with torch.autocast(device_type=encoder_tokens.device.type, enabled=False):
-                    preds[name] = adapter(encoder_tokens.float(), layout, ids_keep, ids_restore)
-            else:
-                preds[name] = adapter(encoder_tokens, layout, ids_keep, ids_restore)
+        encoder_tokens, ids_keep, ids_restore = self._encode_visible(tokens, masks, num_visible=num_encoded_tokens)
+        preds = self.decode(encoder_tokens, layout, ids_keep, ids_restore)
+        if not patches:
+            preds = {name: adapter.unpatchify(preds[name], layout) if isinstance(adapter, SpatialOutputAdapter)
+                     else preds[name] for name, adapter in self.output_adapters.items()}
         return preds, masks
+
+    def decode(self, encoder_tokens_BTE: Tensor, layout: TokenLayout, ids_keep_BK: Tensor, ids_restore_BN: Tensor,
+               ) -> dict[str, Tensor]:
+        """Run every output adapter; spatial heads give patch predictions `[B, n, C * P * P]`.
+
+        Spatial heads that share a numeric mode run together (`decode_spatial`: one context projection for all).
+        Heads in `fp32_output_adapters` run on fp32 tokens with autocast off, as the original runs semseg.
+        """
+        device_type = encoder_tokens_BTE.device.type
+        mixed = torch.is_autocast_enabled(device_type)
+        groups: dict[bool, list[str]] = {False: [], True: []}
+        outputs: dict[str, Tensor] = {}
+        for name, adapter in self.output_adapters.items():
+            fp32 = mixed and name in self.fp32_output_adapters
+            if isinstance(adapter, SpatialOutputAdapter):
+                groups[fp32].append(name)
+            elif fp32:
+                with torch.autocast(device_type=device_type, enabled=False):
+                    outputs[name] = adapter(encoder_tokens_BTE.float(), layout, ids_keep_BK, ids_restore_BN)
+            else:
+                outputs[name] = adapter(encoder_tokens_BTE, layout, ids_keep_BK, ids_restore_BN)
+        for fp32, names in groups.items():
+            adapters = [self.output_adapters[n] for n in names]
+            if fp32:
+                # Autocast off and fp32 inputs: the original runs the semseg head this way for stable logits.
+                with torch.autocast(device_type=device_type, enabled=False):
+                    decoded = decode_spatial(adapters, encoder_tokens_BTE.float(), layout, ids_keep_BK,
+                                             ids_restore_BN)
+            else:
+                decoded = decode_spatial(adapters, encoder_tokens_BTE, layout, ids_keep_BK, ids_restore_BN)
+            outputs.update(zip(names, decoded, strict=True))
+        return {name: outputs[name] for name in self.output_adapters}
 
     def encode(self, inputs: Mapping[str, Tensor], *, return_layers: Sequence[int] | None = None,
                ) -> Tensor | list[Tensor]:

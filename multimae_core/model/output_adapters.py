@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multimae_core.model.blocks import Block, CrossAttention, Mlp, drop_path_rates, layer_norm
 from multimae_core.model.pos_embed import build_2d_sincos_posemb, resize_pos_emb
 
-__all__ = ["LinearOutputAdapter", "SpatialOutputAdapter", "TokenLayout"]
+__all__ = ["LinearOutputAdapter", "SpatialOutputAdapter", "TokenLayout", "decode_spatial"]
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,13 @@ class SpatialOutputAdapter(nn.Module):
         self.embed_dim = embed_dim
         self.proj_context = nn.Linear(embed_dim, self.decoder_embed_dim)
 
-    def _context_embeddings(self, layout: TokenLayout, grid: tuple[int, int], B: int) -> Tensor:
-        """Task embedding + this adapter's pos table for every token of every input modality: `[B|1, N, D]`."""
+    def query_grid(self, layout: TokenLayout) -> tuple[int, int]:
+        """(nh, nw): this head's token grid for inputs of `layout.image_size`."""
+        H, W = layout.image_size
+        return H // (self.stride_level * self.P_H), W // (self.stride_level * self.P_W)
+
+    def _context_embeddings(self, layout: TokenLayout, grid: tuple[int, int]) -> Tensor:
+        """Task embedding + this adapter's pos table for every token of every input modality: `[1, N, D]`."""
         pos_nD = resize_pos_emb(self.pos_emb, grid, mode="bilinear").flatten(2).transpose(1, 2)[0]
         parts = []
         for name, n in layout.modalities:
@@ -119,49 +125,90 @@ class SpatialOutputAdapter(nn.Module):
 
     def forward(self, encoder_tokens_BKE: Tensor, layout: TokenLayout, ids_keep_BK: Tensor,
                 ids_restore_BN: Tensor) -> Tensor:
-        """`encoder_tokens_BKE` is `[B, K + G, E]` (visible tokens in `ids_keep` order, global tokens last)."""
-        B = encoder_tokens_BKE.shape[0]
-        H, W = layout.image_size
-        nh, nw = H // (self.stride_level * self.P_H), W // (self.stride_level * self.P_W)
-        G = layout.num_global_tokens
-
-        # 1. Project to the decoder width (global tokens included).
+        """`encoder_tokens_BKE` is `[B, K + G, E]` (visible tokens in `ids_keep` order, global tokens last);
+        returns the prediction `[B, C, H/stride, W/stride]`."""
         context_BKD = self.proj_context(encoder_tokens_BKE)
-        visible_BKD, global_BGD = context_BKD[:, :context_BKD.shape[1] - G], context_BKD[:, context_BKD.shape[1] - G:]
-        # 2. Fill masked positions with the mask token and undo the shuffle: canonical order rgb|depth|semseg.
-        # (Under autocast the projected tokens are low precision and the mask token fp32; cat promotes.)
-        num_masked = layout.num_tokens - visible_BKD.shape[1]
-        mask_BMD = self.mask_token.expand(B, num_masked, -1)
-        full_BND = _gather_tokens(torch.cat([visible_BKD, mask_BMD], dim=1), ids_restore_BN)
-        # 3. Add task + position embeddings at every position.
-        full_BND = full_BND + self._context_embeddings(layout, (nh, nw), B)
-        # 4. Queries: this task's slice (projected visible tokens or mask tokens, with embeddings).
+        return self.unpatchify(self.decode(context_BKD, layout, ids_keep_BK, ids_restore_BN), layout)
+
+    def decode(self, context_BTD: Tensor, layout: TokenLayout, ids_keep_BK: Tensor, ids_restore_BN: Tensor,
+               ) -> Tensor:
+        """Decode already projected encoder tokens (`proj_context` output, `[B, K + G, D]`) into patch predictions
+        `[B, n, C * P_H * P_W]`, each token vector in the original's (c, ph, pw) order (see `unpatchify`).
+
+        The original fills the masked positions with the mask token, un-shuffles all N tokens to canonical order,
+        adds task + position embeddings everywhere, then slices the queries and re-gathers the visible context. Only
+        n query rows and K context rows are built here, with the same values: a query row is the projected visible
+        token or the mask token, plus its embedding; a context row is a visible token plus its embedding.
+        """
+        B, T, _ = context_BTD.shape
+        K = T - layout.num_global_tokens
+        if ids_keep_BK.shape[1] != K:
+            raise ValueError(f"decoder '{self.task}': {T} encoder tokens with {layout.num_global_tokens} global ones, "
+                             f"but ids_keep has {ids_keep_BK.shape[1]} visible tokens")
+        nh, nw = self.query_grid(layout)
+        emb_1ND = self._context_embeddings(layout, (nh, nw))
+        visible_BKD, global_BGD = context_BTD[:, :K], context_BTD[:, K:]
+        # Context: only the visible tokens (with their embeddings) plus the projected global tokens. Under autocast
+        # the projected tokens are low precision and the embeddings fp32; the add promotes, as the original's cat.
+        context_BMD = torch.cat([visible_BKD + _gather_tokens(emb_1ND.expand(B, -1, -1), ids_keep_BK), global_BGD],
+                                dim=1)
+        # Queries: this task's positions (projected visible tokens or mask tokens, with embeddings).
         span = layout.span(self.task) if self.task is not None else None
         if self.use_task_queries and span is not None:
-            queries_BnD = full_BND[:, span[0]:span[1]]
+            # ids_restore gives each token's place in "visible (ids_keep order), then masked": < K means visible.
+            place_Bn = ids_restore_BN[:, span[0]:span[1]]
+            if K > 0:
+                picked_BnD = _gather_tokens(visible_BKD, place_Bn.clamp(max=K - 1))
+                tokens_BnD = torch.where((place_Bn < K).unsqueeze(-1), picked_BnD, self.mask_token)
+            else:
+                tokens_BnD = self.mask_token.expand(B, place_Bn.shape[1], -1)
+            queries_BnD = tokens_BnD + emb_1ND[:, span[0]:span[1]]
         else:
             pos_nD = resize_pos_emb(self.pos_emb, (nh, nw), mode="bilinear").flatten(2).transpose(1, 2)
             queries_BnD = self.mask_token.expand(B, nh * nw, -1) + pos_nD
             if self.task is not None and self.task in self.task_embeddings:
                 queries_BnD = queries_BnD + self.task_embeddings[self.task]
-        # 5. Context: only the visible tokens (now with embeddings) plus the projected global tokens.
-        context_BKD = torch.cat([_gather_tokens(full_BND, ids_keep_BK), global_BGD], dim=1)
 
-        # 6. Cross-attention WITHOUT a residual (the original's choice), then a residual MLP.
+        # Cross-attention WITHOUT a residual (the original's choice), then a residual MLP.
         if self.use_xattn:
-            x_BnD = self.decoder(self.query_norm(queries_BnD), self.context_norm(context_BKD))
+            x_BnD = self.decoder(self.query_norm(queries_BnD), self.context_norm(context_BMD))
             x_BnD = x_BnD + self.mlp(self.out_norm(x_BnD))
         else:
             x_BnD = queries_BnD
         x_BnD = self.decoder_transformer(x_BnD)
-        x_BnX = self.out_proj(x_BnD)
-        # 7. Each token vector is read as (c, ph, pw), the original's rearrange order (the loss patchify uses
-        # (ph, pw, c), but that only affects targets, which are images here).
-        x = x_BnX.reshape(B, nh, nw, self.num_channels, self.P_H, self.P_W)
+        return self.out_proj(x_BnD)
+
+    def unpatchify(self, patches_BnX: Tensor, layout: TokenLayout) -> Tensor:
+        """Patch predictions `[B, n, C * P_H * P_W]` -> image `[B, C, H/stride, W/stride]`.
+
+        Each token vector is read as (c, ph, pw), the original's rearrange order (its loss patchify uses (ph, pw, c),
+        but that only concerns targets, which are images there).
+        """
+        B = patches_BnX.shape[0]
+        nh, nw = self.query_grid(layout)
+        x = patches_BnX.reshape(B, nh, nw, self.num_channels, self.P_H, self.P_W)
         return x.permute(0, 3, 1, 4, 2, 5).reshape(B, self.num_channels, nh * self.P_H, nw * self.P_W)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_emb", "mask_token", "task_embeddings"}
+
+
+def decode_spatial(adapters: Sequence[SpatialOutputAdapter], encoder_tokens_BTE: Tensor, layout: TokenLayout,
+                   ids_keep_BK: Tensor, ids_restore_BN: Tensor) -> list[Tensor]:
+    """Patch predictions of several spatial heads on the same encoder tokens (`SpatialOutputAdapter.decode` each).
+
+    The heads' `proj_context` layers run as one matmul over their concatenated weights (one wide GEMM instead of one
+    per head, same values); the rest is each head's own decoder.
+    """
+    if not adapters:
+        return []
+    if len(adapters) == 1:
+        contexts = [adapters[0].proj_context(encoder_tokens_BTE)]
+    else:
+        weight = torch.cat([a.proj_context.weight for a in adapters])
+        bias = torch.cat([a.proj_context.bias for a in adapters])
+        contexts = F.linear(encoder_tokens_BTE, weight, bias).split([a.decoder_embed_dim for a in adapters], dim=-1)
+    return [a.decode(c, layout, ids_keep_BK, ids_restore_BN) for a, c in zip(adapters, contexts, strict=True)]
 
 
 class LinearOutputAdapter(nn.Module):

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from multimae_core.model.heads import EncoderLoadReport, load_pretrained_encoder
 from multimae_core.model.state_dict import read_state_dict, vit_to_multimae
 
-__all__ = ["FORMATS", "InitReport", "initialise_finetune_model", "read_init_weights", "weights_file"]
+__all__ = [
+    "FORMATS",
+    "InitReport",
+    "initialise_finetune_model",
+    "read_init_weights",
+    "unreadable_reason",
+    "weights_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +65,8 @@ def read_init_weights(url: str, fmt: str = "mmae") -> dict[str, Tensor]:
     except ValueError as err:
         raise ValueError(f"init.checkpoint_url: {path} is not a state dict of tensors ({err})") from None
     except Exception as err:  # noqa: BLE001 - safetensors / unpickler errors: the file is not a weights file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"init.checkpoint_url: {path} is not a state dict of tensors ({type(err).__name__}: "
-                         f"{reason[:200]})") from None
+        raise ValueError(f"init.checkpoint_url: {path} is not a state dict of tensors ({unreadable_reason(err)})"
+                         ) from None
     if not state:
         raise ValueError(f"init.checkpoint_url: {path} holds no tensors")
     timm_keys = "cls_token" in state and any(k.startswith("blocks.") for k in state)
@@ -73,6 +79,16 @@ def read_init_weights(url: str, fmt: str = "mmae") -> dict[str, Tensor]:
         hint = "; set init.format=timm-vit" if timm_keys else ""
         raise ValueError(f"init.format {fmt}: {path} has no MultiMAE keys (global_tokens, encoder.*){hint}")
     return state
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """Why a weights file could not be read, in a few words (the unpickler's own message is a page long)."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        return "the unpickler refused it (not a plain state dict of tensors); nothing in it was executed"
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from multimae_core.config import TrainConfig
-from multimae_core.losses import compute_losses
+from multimae_core.losses import compute_patch_losses
 from multimae_core.masking import sample_masks
 from multimae_core.modalities import get_modality
 from multimae_core.training import distributed as dist_utils
@@ -132,7 +132,12 @@ class StepSettings:
         """Masks for the micro-batch (drawn from ``generator`` unless the batch carries them), masked forward,
         losses per head and ``total``."""
         masks = batch_masks(batch, self, generator, device)
-        return forward_losses(model, batch, masks, self, device)[0]
+        return forward_losses(model, batch, masks, self, device, num_visible=self.drawn_visible(batch))[0]
+
+    def drawn_visible(self, batch: Mapping[str, Tensor]) -> int | None:
+        """Visible tokens per sample of the masks `batch_masks` gives: known when it draws them, None (to be counted
+        and validated) when the batch carries its own ``mask.<m>`` tensors."""
+        return None if any(k.startswith(MASK_KEY_PREFIX) for k in batch) else self.num_encoded_tokens
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -167,12 +172,19 @@ def batch_masks(batch: Mapping[str, Tensor], settings: StepSettings, generator: 
 
 
 def forward_losses(model: nn.Module, batch: Mapping[str, Tensor], masks: Mapping[str, Tensor],
-                   settings: StepSettings, device: torch.device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Masked forward (under autocast) and fp32 losses; returns (losses, predictions)."""
+                   settings: StepSettings, device: torch.device, *, num_visible: int | None = None,
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Masked forward (under autocast) and fp32 losses; returns (losses, patch predictions ``[B, N, C * p * p]``).
+
+    The model returns patch tokens and the losses patchify the targets (`compute_patch_losses`: the values of
+    `compute_losses` on full images, without building them). ``num_visible`` is the masks' visible count when known
+    (drawn masks): shapes stay static and nothing waits for the device.
+    """
     with settings.autocast(device):
-        preds, used = model({m: batch[m] for m in settings.inputs}, masks)
-    losses = compute_losses(preds, batch, used, weights=settings.loss_weights,
-                            loss_on_unmasked=settings.loss_on_unmasked)
+        preds, used = model({m: batch[m] for m in settings.inputs}, masks, num_encoded_tokens=num_visible,
+                            patches=True)
+    losses = compute_patch_losses(preds, batch, used, weights=settings.loss_weights,
+                                  loss_on_unmasked=settings.loss_on_unmasked)
     return losses, preds
 
 
@@ -194,7 +206,7 @@ def evaluate(model: nn.Module, batches: Iterator[Mapping[str, Tensor]], settings
         batch = to_device(micro, device)
         generator.manual_seed(derive_seed(seed, VAL_STREAM, i * world_size + rank))
         masks = batch_masks(batch, settings, generator, device)
-        losses, _ = forward_losses(model, batch, masks, settings, device)
+        losses, _ = forward_losses(model, batch, masks, settings, device, num_visible=settings.drawn_visible(batch))
         B = batch[settings.inputs[0]].shape[0]
         for k in names:
             sums[k] += losses[k].double() * B

@@ -17,7 +17,7 @@ app = typer_factory(name="data", help="Make, import, pseudo-label and inspect mu
 OutOpt = Annotated[
     str,
     typer.Option("--out", "-o", metavar="URL", help="Shard folder to write: a local path or any fsspec URL "
-                 "(s3://bucket/prefix, gs://..., memory://...).", show_default=False),
+                 "(s3://bucket/prefix, gs://bucket/prefix, ...).", show_default=False),
 ]
 ShardSizeOpt = Annotated[int, typer.Option("--shard-size", min=1, help="Samples per tar shard.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a shard folder that already exists.")]
@@ -26,6 +26,16 @@ SkipBadOpt = Annotated[
                        "at the first one.")
 ]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Parallel workers (default: all cores).")]
+DepthModelOpt = Annotated[
+    str,
+    typer.Option("--depth-model", metavar="PATH|URL|ID", help="Depth network (transformers DPT / Depth Anything): a "
+                 "local save_pretrained folder, an fsspec URL of one, or a Hugging Face id (needs network)."),
+]
+SegModelOpt = Annotated[
+    str,
+    typer.Option("--seg-model", metavar="PATH|URL|ID", help="Segmentation network (transformers Mask2Former or "
+                 "SegFormer), given as for --depth-model; its id2label becomes the semseg label set."),
+]
 
 
 def _user_errors(fn, *args, **kwargs):
@@ -125,12 +135,8 @@ def data_pseudolabel(
     images: Annotated[str, typer.Option("--images", metavar="URL", help="RGB images: a folder (searched "
                                         "recursively) or a shard folder with rgb.", show_default=False)],
     out: OutOpt,
-    depth_model: Annotated[str, typer.Option("--depth-model", metavar="PATH|URL|ID", help="Depth network "
-                                             "(transformers DPT / Depth Anything): a local folder, an fsspec URL "
-                                             "of a saved model, or a Hugging Face id.")] = "Intel/dpt-hybrid-midas",
-    seg_model: Annotated[str, typer.Option("--seg-model", metavar="PATH|URL|ID", help="Segmentation network "
-                                           "(transformers Mask2Former or SegFormer), as --depth-model.")] =
-    "facebook/mask2former-swin-small-coco-panoptic",
+    depth_model: DepthModelOpt = "Intel/dpt-hybrid-midas",
+    seg_model: SegModelOpt = "facebook/mask2former-swin-small-coco-panoptic",
     size: Annotated[int, typer.Option("--size", min=16, help="Output side: shorter side resized, centre crop.")] = 224,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 16,
     shard_size: ShardSizeOpt = 256,

@@ -83,12 +83,12 @@ def finetune(
     resolved = spec.load_job(job, sets or [])
     prepared, described = prepare_finetune(resolved, from_run=from_run, from_checkpoint=from_checkpoint,
                                            checkpoint_step=checkpoint_step)
-    console.info(f"{prepared.name}: {prepared.finetune.kind if prepared.finetune else '?'} fine-tuning from "
-                 f"{described}")
     url = prepared.init.checkpoint_url or ""
     if not local and "://" not in url and not url.startswith(MLFLOW_SCHEMES):
         raise UserError(f"the weights at {url} are on this machine, out of the cluster's reach: fine-tune with "
                         f"--local, or put them in a bucket (s3://...) and pass that URL")
+    console.info(f"{prepared.name}: {prepared.finetune.kind if prepared.finetune else '?'} fine-tuning from "
+                 f"{described}")
     if dry_run and local:
         console.out(spec.render(prepared))
         console.info("dry run: nothing launched")

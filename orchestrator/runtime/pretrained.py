@@ -185,17 +185,18 @@ def localize_init(job: JobSpec, directory: str | os.PathLike[str], *, uri: str |
 
 def detect_format(path: str) -> str:
     """``mmae`` for MultiMAE keys (``global_tokens``), ``timm-vit`` for timm ViT keys; UserError otherwise."""
-    from multimae_core.model.pretrained import weights_file
+    from multimae_core.model.pretrained import unreadable_reason, weights_file
     from multimae_core.model.state_dict import read_state_dict
 
     file = weights_file(path)
     try:
-        state = read_state_dict(file)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = read_state_dict(file)
     except FileNotFoundError:
         raise UserError(f"no weights at {file}") from None
     except Exception as err:  # noqa: BLE001 - any failure to read means: not a weights file
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"{file} is not a state dict of tensors ({type(err).__name__}: {reason})") from None
+        raise UserError(f"{file} is not a state dict of tensors ({unreadable_reason(err)})") from None
     if "global_tokens" in state:
         return "mmae"
     if "cls_token" in state and any(k.startswith("blocks.") for k in state):
@@ -237,7 +238,9 @@ def check_weights_fit(job: JobSpec, path: str, *, source: str, require_head: boo
     from multimae_core.training.objectives import make_objective
 
     try:
-        state = read_init_weights(path, job.init.format)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols of files it then refuses
+            state = read_init_weights(path, job.init.format)
     except ValueError as err:
         raise UserError(f"{source}: {str(err).removeprefix('init.checkpoint_url: ')}") from None
     with torch.device("meta"):
@@ -247,9 +250,9 @@ def check_weights_fit(job: JobSpec, path: str, *, source: str, require_head: boo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # copies into meta tensors are no-ops, which torch warns about
             return initialise_finetune_model(model, state, allow_new_inputs=allow_new, require_head=require_head,
-                                             source=source)
+                                             source="checkpoint")
     except ValueError as err:
-        raise UserError(f"the weights do not fit the job {job.name}: {err}") from None
+        raise UserError(f"the weights of {source} do not fit the job {job.name}: {err}") from None
 
 
 def _with_init(job: JobSpec, init: dict[str, Any], parent_run_id: str | None) -> JobSpec:
