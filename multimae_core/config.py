@@ -259,7 +259,9 @@ class DataConfig(_Section):
     val_url: str | None = "data/synth/val"
     """Shard folder of the validation split; null skips validation."""
     shuffle_buffer: int = Field(256, ge=0)
-    """Samples held in the streaming shuffle buffer (0 disables sample shuffling; shard order is still shuffled)."""
+    """Sample shuffling within shards: above 1 the plain loader permutes each shard's samples every epoch (seeded by
+    seed, epoch and shard; exact resume across worker counts) and Ray Data ingest holds this many samples in its local
+    shuffle buffer; 0 or 1 keeps the stored order within shards. The shard order is shuffled either way."""
     num_workers: int = Field(2, ge=0)
     """Decode/augment worker processes per training worker in the plain PyTorch path."""
     crop_scale: tuple[float, float] = (0.2, 1.0)

@@ -1,23 +1,33 @@
 """Plain PyTorch streaming loader over shard folders: `ShardDataSource` implements the training loop's DataSource.
 
-Epoch plan (a pure function of seed, epoch, world size and batch size, so it holds when the world size changes
-between epochs or restarts):
-  1. The shard order is permuted with (seed, epoch) (train only); the samples of the shards in that order form one
-     sequence of N positions.
-  2. train: each rank takes a contiguous range of `N // (world_size * B) * B` positions; the tail of fewer than
-     world_size * B positions is dropped (it falls on different samples every epoch, as shard order changes). So every
-     sample is used at most once per epoch, and exactly once except that tail, and all ranks take the same number
-     of full batches (DistributedSampler(drop_last=True), the original's setting).
+Epoch plan (a pure function of seed, epoch, world size, batch size and DataLoader workers, so it holds when the world
+size changes between epochs or restarts):
+  1. The global order of one epoch (train only) is a pure function of (seed, epoch): the shard order is permuted, and
+     (`shuffle_buffer` > 1) each shard's samples are permuted with a permutation seeded by (seed, epoch, shard). The
+     samples in that order form one sequence of N positions. Shards are always read whole.
+  2. train: each rank takes a contiguous range of `N // (world_size * B) * B` positions, cut into batches of B
+     consecutive positions; the tail of fewer than world_size * B positions is dropped (it falls on different samples
+     every epoch, as shard order changes). So every sample is used at most once per epoch, and exactly once except
+     that tail, and all ranks take the same number of full batches (DistributedSampler(drop_last=True), the
+     original's setting).
      val: each rank takes ceil(N / world_size) positions, wrapping around to the first samples to pad the last rank
      (DistributedSampler(drop_last=False)); batches are not shuffled and the last one may be short.
   3. Within a rank, DataLoader worker w takes a contiguous run of the rank's batches (the first `nb % W` workers one
-     more), reads only the shards overlapping it, passes the raw records through a seeded shuffle buffer, groups them
-     into batches and only then decodes and augments. The DataLoader interleaves workers round-robin, so rank batch i
-     comes from worker i % W; `skip` (resume inside an epoch) drops batches before decoding them.
+     more), reads only the shards overlapping it and decodes and augments them. The DataLoader interleaves workers
+     round-robin, so rank batch i comes from worker i % W: the rank's *batch sequence* (`rank_batches`) is that
+     interleaving, and the samples consumed after k batches are exactly the positions of its first k entries.
+  4. Resume inside an epoch (`skip` batches per rank already consumed): with the same world size each rank goes on
+     with its batch sequence after `skip` entries (the skipped batches are not read). With another world size
+     (`skip_world_size`, the world size the `skip` batches were counted under), the batches left over by the old
+     ranks (each old rank's sequence after `skip`, concatenated in rank order) are split evenly in contiguous runs
+     over the new ranks, every rank the same number; fewer than new world_size batches at the end are dropped and
+     logged. So the epoch still uses every sample at most once. This is exact for one world-size change inside an
+     epoch (the old run's DataLoader worker count is taken to be this one's).
 Shards are downloaded in background threads (`prefetch` shards ahead) and checked against the manifest's sha256.
-DataLoader workers are persistent: one set of processes per split serves every epoch (the parent passes the epoch
-and `skip` through shared memory), so filesystem clients and connections are made once, not per epoch. The batch
-stream depends on (seed, epoch, rank, world_size, per_worker_batch_size, num_workers, shuffle_buffer).
+DataLoader workers are persistent: one set of processes per split serves every epoch (the parent passes the epoch,
+`skip` and `skip_world_size` through shared memory), so filesystem clients and connections are made once, not per
+epoch. The batch stream depends on (seed, epoch, rank, world_size, per_worker_batch_size, num_workers, whether
+shuffle_buffer > 1) and on the resume point.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from multimae_core.data.shards import (
 from multimae_core.data.transforms import JointTransform, SampleProcessor, collate_numpy
 from multimae_core.modalities import get_modality
 
-__all__ = ["ShardDataSource", "plan_epoch", "worker_batch_ranges"]
+__all__ = ["ShardDataSource", "plan_epoch", "rank_batches", "sample_permutation", "worker_batch_ranges"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,32 +104,76 @@ def _segments(order: Sequence[int], sizes: Sequence[int], start: int, stop: int)
     return out
 
 
-def _shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = int(rng.integers(len(buf)))
-        buf[j], item = item, buf[j]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
+def sample_permutation(num_samples: int, *, epoch: int, seed: int, shard: int) -> np.ndarray:
+    """Order of one shard's samples in an epoch's global order (train, shuffling on); seeded by (seed, epoch, shard)."""
+    return np.random.default_rng([seed, epoch, shard, 0x5A4D]).permutation(num_samples)
+
+
+def _interleave(runs: Sequence[Sequence[Any]]) -> list[Any]:
+    """Round-robin over runs (the DataLoader's worker cycling): item i of the result is run i % W's item i // W
+    while every run has one; runs that are exhausted drop out."""
+    out = []
+    for j in range(max((len(r) for r in runs), default=0)):
+        out.extend(r[j] for r in runs if j < len(r))
+    return out
+
+
+def _rank_sequence(start: int, count: int, batch_size: int, num_workers: int) -> list[tuple[int, int]]:
+    """Batches of the positions [start, start + count) in the order the DataLoader yields them."""
+    return _interleave([[(start + a, start + min(a + batch_size, hi)) for a in range(lo, hi, batch_size)]
+                        for lo, hi in worker_batch_ranges(count, batch_size, num_workers)])
+
+
+def _batches_left(shard_sizes: Sequence[int], *, epoch: int, seed: int, world_size: int, batch_size: int,
+                  train: bool, num_workers: int, skip: int) -> list[tuple[int, int]]:
+    """The batches not yet consumed when each of `world_size` ranks has yielded `skip`, in rank order."""
+    if world_size < 1:
+        raise ValueError(f"skip_world_size must be >= 1, got {world_size}")
+    left: list[tuple[int, int]] = []
+    for r in range(world_size):
+        _, start, count = plan_epoch(shard_sizes, epoch=epoch, seed=seed, rank=r, world_size=world_size,
+                                     batch_size=batch_size, train=train)
+        left += _rank_sequence(start, count, batch_size, num_workers)[skip:]
+    return left
+
+
+def rank_batches(shard_sizes: Sequence[int], *, epoch: int, seed: int, rank: int, world_size: int, batch_size: int,
+                 train: bool, num_workers: int = 1, skip: int = 0,
+                 skip_world_size: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """(shard order, batches) of one rank for one epoch: each batch a (first, end) range of positions (wrapping
+    modulo N), in the order the rank yields them with `num_workers` DataLoader workers (see the module docstring).
+
+    `skip` batches per rank were already consumed under `skip_world_size` ranks (None: this world size); the result
+    holds this rank's share of what is left.
+    """
+    workers = max(1, num_workers)
+    order, start, count = plan_epoch(shard_sizes, epoch=epoch, seed=seed, rank=rank, world_size=world_size,
+                                     batch_size=batch_size, train=train)
+    if skip_world_size is None or skip_world_size == world_size or skip == 0:
+        return order, _rank_sequence(start, count, batch_size, workers)[skip:]
+    left = _batches_left(shard_sizes, epoch=epoch, seed=seed, world_size=skip_world_size, batch_size=batch_size,
+                         train=train, num_workers=workers, skip=skip)
+    share = len(left) // world_size
+    mine = left[rank * share:(rank + 1) * share]
+    return order, _interleave([mine[a // batch_size:b // batch_size]
+                               for a, b in worker_batch_ranges(share * batch_size, batch_size, workers)])
 
 
 class _EpochStream(IterableDataset):
     """Epochs of one rank and split; each DataLoader worker yields its share as ready batches, then a stats record.
 
-    With persistent DataLoader workers the (epoch, skip) of the next iteration is read from `control`, an array in
-    shared memory that the parent sets before it starts iterating; without workers they are plain attributes.
+    With persistent DataLoader workers the (epoch, skip, skip_world_size or 0) of the next iteration is read from
+    `control`, an array in shared memory that the parent sets before it starts iterating; without workers they are
+    plain attributes.
     """
 
-    def __init__(self, src: ShardDataSource, split: str, *, epoch: int = 0, skip: int = 0, control=None):
+    def __init__(self, src: ShardDataSource, split: str, *, epoch: int = 0, skip: int = 0,
+                 skip_world_size: int | None = None, control=None):
         self.url = src.urls[split]
         self.storage_options = src.storage_options
         self.manifest = src.manifest(split)
         self.train = split == "train"
-        self.epoch, self.skip, self.control = epoch, skip, control
+        self.epoch, self.skip, self.skip_world_size, self.control = epoch, skip, skip_world_size, control
         self.rank, self.world_size = src.rank, src.world_size
         self.batch_size, self.seed = src.per_worker_batch_size, src.seed
         self.shuffle_buffer, self.prefetch, self.verify = src.shuffle_buffer, src.prefetch, src.verify
@@ -128,57 +182,58 @@ class _EpochStream(IterableDataset):
             with_cls=src.with_cls(split), seed=src.seed, skip_bad=src.skip_bad,
         )
 
-    def _records(self, segments: list[tuple[int, int, int]]) -> Iterator[tuple[int, str, str, dict[str, bytes]]]:
-        fs, root = open_folder(self.url, self.storage_options)
+    def _batches(self, order: list[int], batches: list[tuple[int, int]]) -> Iterator[list[tuple[int, str, str,
+                                                                                              dict[str, bytes]]]]:
+        """Raw records (sample id, shard name, key, files) of each batch; every shard is fetched once per run of
+        consecutive batches touching it and parsed whole."""
         shards = self.manifest.shards
-        first_ids = np.cumsum([0] + [s.num_samples for s in shards])
-        infos = [shards[i] for i, _, _ in segments]
-        fetched = prefetch_shards(fs, root, infos, verify=self.verify, depth=self.prefetch)
-        for (shard, lo, hi), (info, data) in zip(segments, fetched, strict=True):
-            pos = -1
-            for pos, (key, files) in enumerate(iter_records(data, info.name)):
-                if pos >= hi:
-                    break
-                if pos >= lo:
-                    yield int(first_ids[shard]) + pos, info.name, key, files
-            else:
-                if pos + 1 != info.num_samples:
-                    raise ShardDataError(info.name, None, f"holds {pos + 1} samples, the manifest says "
-                                         f"{info.num_samples}")
+        sizes = [s.num_samples for s in shards]
+        first_ids = np.cumsum([0] + sizes)
+        plans = [_segments(order, sizes, lo, hi) for lo, hi in batches]
+        fetch: list[int] = []
+        for segments in plans:
+            for shard, _, _ in segments:
+                if not fetch or fetch[-1] != shard:
+                    fetch.append(shard)
+        if not fetch:
+            return
+        fs, root = open_folder(self.url, self.storage_options)
+        fetched = prefetch_shards(fs, root, [shards[i] for i in fetch], verify=self.verify, depth=self.prefetch)
+        current, records, perm = -1, [], None
+        for segments in plans:
+            out = []
+            for shard, lo, hi in segments:
+                if shard != current:
+                    info, data = next(fetched)
+                    records, current = list(iter_records(data, info.name)), shard
+                    if len(records) != info.num_samples:
+                        raise ShardDataError(info.name, None, f"holds {len(records)} samples, the manifest says "
+                                             f"{info.num_samples}")
+                    perm = (sample_permutation(len(records), epoch=self.epoch, seed=self.seed, shard=shard)
+                            if self.train and self.shuffle_buffer > 1 else None)
+                for j in (perm[lo:hi] if perm is not None else range(lo, hi)):
+                    key, files = records[j]
+                    out.append((int(first_ids[shard]) + int(j), shards[shard].name, key, files))
+            yield out
 
     def __iter__(self):
         if self.control is not None:
             self.epoch, self.skip = int(self.control[0]), int(self.control[1])
+            self.skip_world_size = int(self.control[2]) or None
         info = get_worker_info()
         physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # Rank batch i comes from logical worker i % W at its local index i // W (the DataLoader cycles workers
-        # round-robin from worker 0). Resuming after `skip` batches, physical worker p plays logical worker
-        # (skip + p) % W and skips its first (skip + p) // W batches, so the stream continues at batch `skip`.
-        worker = (self.skip + physical) % num_workers
-        my_skip = (self.skip + physical) // num_workers
+        # The rank's batch sequence is the round-robin interleaving of the workers' contiguous runs (the order the
+        # DataLoader yields them), so physical worker p yields entries p, p + W, ... of it; skipped batches are not
+        # read at all.
         sizes = [s.num_samples for s in self.manifest.shards]
-        order, start, count = plan_epoch(sizes, epoch=self.epoch, seed=self.seed, rank=self.rank,
-                                         world_size=self.world_size, batch_size=self.batch_size, train=self.train)
-        lo, hi = worker_batch_ranges(count, self.batch_size, num_workers)[worker]
-        records = self._records(_segments(order, sizes, start + lo, start + hi))
-        if self.train and self.shuffle_buffer > 1:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size, worker])
-            records = _shuffle(records, self.shuffle_buffer, rng)
-        batch: list = []
-        index = 0
-        for record in records:
-            batch.append(record)
-            if len(batch) == self.batch_size:
-                if index >= my_skip:
-                    out = self._decode(batch)
-                    if out is not None:
-                        yield out
-                batch, index = [], index + 1
-        if batch and index >= my_skip:
-            out = self._decode(batch)
+        order, batches = rank_batches(sizes, epoch=self.epoch, seed=self.seed, rank=self.rank,
+                                      world_size=self.world_size, batch_size=self.batch_size, train=self.train,
+                                      num_workers=num_workers, skip=self.skip, skip_world_size=self.skip_world_size)
+        for records in self._batches(order, batches[physical::num_workers]):
+            out = self._decode(records)
             if out is not None:
                 yield out
-        yield {_STATS_KEY: torch.tensor([worker, self.processor.skipped.count])}
+        yield {_STATS_KEY: torch.tensor([physical, self.processor.skipped.count])}
 
     def _decode(self, records: list) -> dict[str, torch.Tensor] | None:
         samples = []
@@ -205,7 +260,8 @@ class ShardDataSource:
         image_size: output side of full-resolution modalities.
         per_worker_batch_size: samples per batch on this rank.
         num_workers: DataLoader worker processes (0 decodes in the calling process).
-        shuffle_buffer: raw records held for shuffling per DataLoader worker (0/1: shard order shuffle only).
+        shuffle_buffer: > 1 permutes each shard's samples (seeded by seed, epoch, shard) in train epochs; 0/1 keeps
+            the stored order within shards (shard order is shuffled either way).
         skip_bad: skip samples that fail to decode (counted in `skipped`, warned per epoch) instead of raising; in
             train batches a skipped sample is replaced by a copy of another one, so batches keep their size.
     """
@@ -279,17 +335,28 @@ class ShardDataSource:
         """Batches this rank yields per epoch (the same on every rank)."""
         return math.ceil(self.num_samples(split) / self.per_worker_batch_size)
 
-    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0,
+                      skip_world_size: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's batches of one epoch: float [B,C,H,W] per image/regression modality, int64 [B,H/s,W/s] per
-        class map, int64 [B] `cls`; `skip` drops the first batches (resume inside an epoch) without decoding them.
-        A split without a shard folder yields nothing."""
+        class map, int64 [B] `cls`. Resume inside an epoch: `skip` batches per rank were already consumed, under
+        `skip_world_size` ranks (None: this world size); they are not read again, and with another world size the
+        rest of the epoch is split over the ranks (module docstring, item 4). A split without a shard folder yields
+        nothing."""
         if split not in self.urls:
             return
         if self.num_workers > 0:
             loader, control = self._persistent_loader(split)
-            control[0], control[1] = epoch, skip  # read by the workers when this iteration starts
+            # read by the workers when this iteration starts
+            control[0], control[1], control[2] = epoch, skip, skip_world_size or 0
         else:
-            loader = _EpochStream(self, split, epoch=epoch, skip=skip)
+            loader = _EpochStream(self, split, epoch=epoch, skip=skip, skip_world_size=skip_world_size)
+        if skip and skip_world_size not in (None, self.world_size) and self.rank == 0:
+            left = len(_batches_left([s.num_samples for s in self.manifest(split).shards], epoch=epoch,
+                                     seed=self.seed, world_size=skip_world_size, batch_size=self.per_worker_batch_size,
+                                     train=split == "train", num_workers=max(1, self.num_workers), skip=skip))
+            logger.info("resuming epoch %d with %d ranks after %d batches per rank of %d ranks: %d batches left, the "
+                        "last %d dropped", epoch, self.world_size, skip, skip_world_size, left,
+                        left % self.world_size)
         # Skip counts are cumulative per worker (persistent workers keep theirs across epochs).
         before = dict(self._worker_skips.get(split, {})) if self.num_workers > 0 else {}
         counts = self._worker_skips.setdefault(split, {}) if self.num_workers > 0 else {}
@@ -310,7 +377,7 @@ class ShardDataSource:
         if split not in self._loaders:
             import multiprocessing
 
-            control = multiprocessing.RawArray("q", 2)
+            control = multiprocessing.RawArray("q", 3)
             stream = _EpochStream(self, split, control=control)
             loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                 prefetch_factor=2, persistent_workers=True)

@@ -254,6 +254,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.precision == "fp16" else None
         self.mask_generator = torch.Generator(device=self.device)
         self.step = self.epoch = self.batches_in_epoch = 0
+        self.data_resume: dict[str, int] = {}  # {"skip_world_size": n}: resumed inside an epoch run by n ranks
         self.last_checkpoint_step = -1
         self.resumed = self._resume()
         if not self.resumed:
@@ -276,6 +277,9 @@ class _Run:
                 return False
             state = load_checkpoint(path, self.raw, self.optimizer, self.scaler)
         self.step, self.epoch, self.batches_in_epoch = state.step, state.epoch, state.batches_in_epoch
+        old_world = int(state.extra.get("world_size", self.info.world_size))
+        if self.batches_in_epoch and old_world != self.info.world_size:
+            self.data_resume = {"skip_world_size": old_world}  # the source splits the rest of the epoch anew
         self.last_checkpoint_step = state.step
         rng = state.rng_for(self.info.rank)
         if rng is not None:
@@ -299,7 +303,11 @@ class _Run:
         self._take_figure_batch()
         stop_requested = stopped = False
         while self.step < self.schedule.total_steps and self.epoch < self.cfg.train.epochs:
-            batches = self.data.epoch_batches(self.epoch, split="train", skip=self.batches_in_epoch)
+            batches = self.data.epoch_batches(self.epoch, split="train", skip=self.batches_in_epoch,
+                                              **self.data_resume)
+            if self.data_resume:  # count on in this world's batches (whole: a step always takes one global batch)
+                self.batches_in_epoch = (self.batches_in_epoch * self.data_resume.pop("skip_world_size")
+                                         // self.info.world_size)
             while self.step < self.schedule.total_steps:
                 t0 = time.perf_counter()
                 group = list(itertools.islice(batches, self.accum))

@@ -75,11 +75,14 @@ class DataSource(Protocol):
     fixed per-worker batch size; any other sharding is statistically equivalent.
     """
 
-    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0) -> Iterator[dict[str, Tensor]]:
+    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0,
+                      skip_world_size: int | None = None) -> Iterator[dict[str, Tensor]]:
         """Iterate over one epoch of ``split`` in a fixed order per (epoch, seed), skipping the first ``skip`` batches.
 
-        ``skip`` counts this worker's batches already consumed in the epoch (resume). An iterator may be abandoned
-        before its end (the loop takes one batch for its figures).
+        ``skip`` counts the batches per worker already consumed in the epoch (resume) while ``skip_world_size``
+        workers ran (None: the current world size; the loop passes it only when it differs). With another world size
+        a source goes on with what the old workers left, split evenly over the current ones. An iterator may be
+        abandoned before its end (the loop takes one batch for its figures).
         """
         ...
 
@@ -248,8 +251,12 @@ class MemoryDataSource:
                 start = (self.rank * self._micro_per_rank + i) * pw
                 yield {k: v[start : start + pw] for k, v in batch.items()}
 
-    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0) -> Iterator[dict[str, Tensor]]:
-        """The stored batches of ``split``, after skipping ``skip`` of them."""
+    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0,
+                      skip_world_size: int | None = None) -> Iterator[dict[str, Tensor]]:
+        """The stored batches of ``split``, after skipping ``skip`` of them (``skip`` per rank of
+        ``skip_world_size`` ranks: the same samples in this world's micro-batches, exact at whole global batches)."""
+        if skip_world_size is not None and split == "train":
+            skip = skip * skip_world_size // self.world_size
         if split == "train":
             source: Iterator[dict[str, Tensor]] = self._train_batches()
         elif split == "val":

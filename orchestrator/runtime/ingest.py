@@ -11,7 +11,8 @@ Coverage: each execution reads every shard once and streaming_split gives each r
 sample is seen once per epoch (minus fewer than world_size rows that equal=True drops, and the partial last batch
 per worker). The split is rebuilt whenever Ray Train (re)starts the worker group, so this holds for any number of
 workers, also when it changes between epochs. When a restart happens inside an epoch, the loop's `skip` drops that
-many batches of the restarted epoch; that is exact only if the world size did not change.
+many batches of the restarted epoch (with another world size, as many samples in all); that is approximate: the
+restarted execution streams samples in another order, so some of the epoch may be repeated or left out.
 Validation reads the val folder with the plain loader (deterministic, every sample, same on every ingest path).
 
 Select it with MMAE_DATA_INGEST=ray in the driver's environment (default: `loader`, the plain PyTorch loader, which
@@ -188,11 +189,16 @@ class RayDataSource:
             return self.num_train_samples // self.world_size // self.batch_size
         return self.val.num_batches(split) if self.val is not None else 0
 
-    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch_batches(self, epoch: int, *, split: str = "train", skip: int = 0,
+                      skip_world_size: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """`skip` batches per worker of `skip_world_size` workers were consumed: this worker discards its share of
+        as many samples (approximate: the resplit stream is not the one the old workers read)."""
         if split != "train":
             if self.val is not None:
-                yield from self.val.epoch_batches(epoch, split=split, skip=skip)
+                yield from self.val.epoch_batches(epoch, split=split, skip=skip, skip_world_size=skip_world_size)
             return
+        if skip_world_size is not None:
+            skip = skip * skip_world_size // self.world_size
         if skip:
             logger.info("resuming inside epoch %d: discarding %d already used batches", epoch, skip)
         batches = self.shard.iter_torch_batches(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 
 import numpy as np
 import pytest
@@ -176,3 +177,83 @@ def test_persistent_workers_survive_an_abandoned_epoch(ids_url):
     resumed = list(src.epoch_batches(1, skip=3))
     assert _ids(resumed) == _ids(again[3:])
     assert len(src._loaders) == 1  # one set of worker processes for all these epochs
+
+
+def _take(src: ShardDataSource, epoch: int, k: int, **kw) -> list[int]:
+    """Ids of the first k batches of an epoch (the iterator is then abandoned, as a stopped run does)."""
+    it = src.epoch_batches(epoch, **kw)
+    ids = _ids(itertools.islice(it, k))
+    it.close()
+    return ids
+
+
+def test_global_order_is_a_function_of_seed_and_epoch(ids_url):
+    # With one DataLoader worker a rank's batches are its range in position order, so the ranks of any world size
+    # concatenated are a prefix of the one-rank order: the permutation does not depend on the world size.
+    one = _ids(_source(ids_url).epoch_batches(2))
+    for world in (2, 3):
+        ranks = [i for r in range(world) for i in _ids(_source(ids_url, rank=r, world_size=world).epoch_batches(2))]
+        assert ranks == one[: len(ranks)], world
+    assert _ids(_source(ids_url).epoch_batches(2)) == one  # a fresh source: the same order
+    assert _ids(_source(ids_url, seed=2).epoch_batches(2)) != one
+    assert _ids(_source(ids_url).epoch_batches(3)) != one
+    # Shard s holds ids 7s..7s+6 and stays contiguous in the order; its samples are permuted, or kept in order.
+    shard_runs = [s for j, s in enumerate(i // 7 for i in one) if j == 0 or one[j - 1] // 7 != s]
+    assert len(shard_runs) == len(set(shard_runs)) == 7
+    by_shard = collections.defaultdict(list)
+    for i in one:
+        by_shard[i // 7].append(i)
+    assert any(v != sorted(v) for v in by_shard.values())
+    plain = _ids(_source(ids_url, shuffle_buffer=0).epoch_batches(2))
+    kept = collections.defaultdict(list)
+    for i in plain:
+        kept[i // 7].append(i)
+    assert all(v == sorted(v) for v in kept.values())
+    assert [i // 7 for i in plain] == [i // 7 for i in one]  # the same shard order either way
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_cover_each_sample_once(tmp_path, num_workers):
+    url = _id_folder(str(tmp_path / "odd"), n=30, per_shard=4)
+    for world in (1, 2, 3):
+        per_rank = [_ids(_source(url, rank=r, world_size=world, num_workers=num_workers).epoch_batches(1))
+                    for r in range(world)]
+        ids = [i for p in per_rank for i in p]
+        assert len({len(p) for p in per_rank}) == 1
+        assert len(ids) == len(set(ids)) == 30 // (world * 4) * world * 4, world
+
+
+@pytest.mark.parametrize(("n", "old", "new", "k", "num_workers"),
+                         [(48, 2, 1, 2, 0), (48, 2, 1, 3, 2), (48, 1, 2, 3, 0), (48, 1, 2, 5, 2), (30, 2, 3, 1, 0),
+                          (48, 3, 2, 1, 2)])
+def test_resume_with_another_world_size_is_exact(tmp_path, n, old, new, k, num_workers):
+    url = _id_folder(str(tmp_path / "ids"), n=n, per_shard=7)
+    B, epoch = 4, 1
+    full = [_ids(_source(url, rank=r, world_size=old, num_workers=num_workers).epoch_batches(epoch))
+            for r in range(old)]
+    before = [_take(_source(url, rank=r, world_size=old, num_workers=num_workers), epoch, k) for r in range(old)]
+    assert all(b == f[: k * B] for b, f in zip(before, full, strict=True))
+    after = [_ids(_source(url, rank=r, world_size=new, num_workers=num_workers)
+                  .epoch_batches(epoch, skip=k, skip_world_size=old)) for r in range(new)]
+    assert len({len(a) for a in after}) == 1  # ranks stay in step
+    seen = [i for part in (*before, *after) for i in part]
+    assert len(seen) == len(set(seen))  # nothing twice
+    # What is left of the old epoch, in old rank order; the new ranks take it evenly, the last left % new batches
+    # (fewer than new * B samples) are dropped, on top of the tail the old plan never used.
+    left = [i for f in full for i in f[k * B:]]
+    dropped = (len(left) // B) % new * B
+    assert sorted(i for a in after for i in a) == sorted(left[: len(left) - dropped])
+    assert set(range(n)) - set(seen) == (set(range(n)) - {i for f in full for i in f}) | set(left[len(left) - dropped:])
+    assert dropped < new * B
+
+
+def test_memory_source_skips_the_same_samples_in_another_world():
+    from multimae_core.training.reporting import MemoryDataSource
+
+    batches = [{"x": torch.arange(8) + 8 * g} for g in range(3)]
+    two = [MemoryDataSource(batches, per_worker_batch_size=4, rank=r, world_size=2) for r in range(2)]
+    one = MemoryDataSource(batches, per_worker_batch_size=4)
+    rest = [b["x"].tolist() for b in one.epoch_batches(0, skip=1, skip_world_size=2)]
+    assert rest == [list(range(8, 12)), list(range(12, 16)), list(range(16, 20)), list(range(20, 24))]
+    assert [b["x"].tolist() for b in two[1].epoch_batches(0, skip=2, skip_world_size=1)] == [[12, 13, 14, 15],
+                                                                                          [20, 21, 22, 23]]
