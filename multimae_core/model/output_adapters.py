@@ -6,7 +6,9 @@ P patch side at the output's resolution.
 
 `SpatialOutputAdapter` is the original's pretraining decoder (MultiMAE paper, section 3.3; original
 `SpatialOutputAdapter`): one cross-attention from this modality's queries into all visible tokens, an MLP, optional
-self-attention blocks and a linear patch projection. `LinearOutputAdapter` is the fine-tuning classifier head.
+self-attention blocks and a linear patch projection. Its `decode` returns patch tokens `[B, n, C * P * P]` (the
+training losses take them directly) and `unpatchify` turns them into the image; `decode_spatial` runs several heads
+with one shared context projection. `LinearOutputAdapter` is the fine-tuning classifier head.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from multimae_core.config import TrainConfig
 from multimae_core.training import distributed as dist_utils
 from multimae_core.training.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from multimae_core.training.host import keep_freed_host_memory
 from multimae_core.training.objectives import (
     FIGURE_SAMPLES,
     Objective,
@@ -452,6 +453,8 @@ def fit(cfg: TrainConfig, reporter: Reporter, data: DataSource, *, device: str |
         device: Training device; None picks ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU.
     """
     info = dist_utils.init_distributed(device)
+    if info.device.type == "cpu":
+        keep_freed_host_memory()  # no page-fault churn between steps (host.py)
     try:
         return _Run(cfg, reporter, data, info).run()
     finally:

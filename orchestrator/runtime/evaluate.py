@@ -8,7 +8,9 @@ metrics go to a new MLflow run in the experiment ``multimae/eval``, tagged as a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,13 +46,9 @@ class EvalResult:
 def run_eval(job: JobSpec, *, from_run: str, checkpoint_step: int | None = None,
              device: str | None = None) -> EvalResult:
     """Evaluate the weights of ``from_run`` on ``job``'s validation split and record them in MLflow."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-
     from multimae_core.data.tasks import FinetuneDataSource
     from multimae_core.training.loop import evaluate_only
     from multimae_core.training.reporting import MemoryReporter
-    from orchestrator.spec import render
 
     if job.data.val_url is None:
         raise UserError(f"{job.name}: data.val_url is null, so there is nothing to evaluate on")
@@ -68,6 +66,20 @@ def run_eval(job: JobSpec, *, from_run: str, checkpoint_step: int | None = None,
     if not metrics:
         raise UserError(f"{job.name}: the validation split at {job.data.val_url} has no batches")
 
+    # MLflow writes "View run ... at" lines to stdout; the CLI's stdout carries only the metrics.
+    with contextlib.redirect_stdout(sys.stderr):
+        run_id = _record(job, staged, from_run, metrics, reporter.images, described, uri)
+    return EvalResult(run_id=run_id, parent_run_id=from_run, metrics=metrics, weights=described)
+
+
+def _record(job: JobSpec, staged: JobSpec, from_run: str, metrics: dict[str, float], images: list,
+            described: str, uri: str) -> str:
+    """A finished MLflow run in EVAL_EXPERIMENT holding the metrics, the figure and the resolved job."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    from orchestrator.spec import render
+
     client = MlflowClient(tracking_uri=uri)
     exp_id = tracking.ensure_experiment(client, EVAL_EXPERIMENT)
     key = f"eval-{job.name}-{from_run[:8]}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
@@ -83,10 +95,10 @@ def run_eval(job: JobSpec, *, from_run: str, checkpoint_step: int | None = None,
         client.log_batch(run_id, metrics=[Metric(f"val/{k}", float(v), now, 0) for k, v in metrics.items()],
                          tags=[RunTag("mmae.weights", described[:5000])], synchronous=True)
         client.log_text(run_id, render(staged), tracking.RESOLVED_JOB_ARTIFACT)
-        for step, image_key, image in reporter.images:
+        for step, image_key, image in images:
             client.log_image(run_id, image, key=image_key, step=step, synchronous=True)
     except BaseException as err:
         tracking.mark_failed(run_id, err, client=client)
         raise
     tracking.mark_finished(run_id, client=client)
-    return EvalResult(run_id=run_id, parent_run_id=from_run, metrics=metrics, weights=described)
+    return run_id
