@@ -268,6 +268,11 @@ class DataConfig(_Section):
     """Random-resized-crop area range applied jointly to every modality."""
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     """Probability of the joint horizontal flip."""
+    ingest: Literal["loader", "ray"] = "loader"
+    """How pretraining workers read the train split: `loader`, the plain PyTorch loader over this worker's shards
+    (bit-reproducible, exact resume inside an epoch and across worker counts), or `ray`, Ray Data streaming with
+    `streaming_split` (the train split is decoded by the Ray cluster's CPUs; resume inside an epoch is approximate).
+    Validation and fine-tuning always use the plain loader."""
 
     @field_validator("crop_scale")
     @classmethod
@@ -400,6 +405,8 @@ class TrainConfig(_Section):
             raise ValueError("modalities.outputs: pretraining needs at least one output modality")
         if self.stage == "finetune":
             self._check_finetune()
+            if self.data.ingest != "loader":
+                raise ValueError("data.ingest: fine-tuning reads its task targets through the plain loader; use loader")
         elif self.finetune is not None:
             raise ValueError("finetune: the task section is for stage finetune; set it to null for pretraining")
         elif self.init.checkpoint_url is not None:

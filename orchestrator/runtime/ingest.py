@@ -15,14 +15,13 @@ many batches of the restarted epoch (with another world size, as many samples in
 restarted execution streams samples in another order, so some of the epoch may be repeated or left out.
 Validation reads the val folder with the plain loader (deterministic, every sample, same on every ingest path).
 
-Select it with MMAE_DATA_INGEST=ray in the driver's environment (default: `loader`, the plain PyTorch loader, which
-is bit-reproducible and resumes inside an epoch without decoding the skipped batches).
+Select it with `data.ingest: ray` in the job (`--set data.ingest=ray`; default `loader`, the plain PyTorch loader,
+which is bit-reproducible and resumes inside an epoch without decoding the skipped batches).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +43,10 @@ if TYPE_CHECKING:
 
     from orchestrator.spec import JobSpec
 
-__all__ = ["INGEST_ENV", "RayDataSource", "build_dataset", "trainer_datasets", "use_ray_ingest", "worker_data_source"]
+__all__ = ["RayDataSource", "build_dataset", "trainer_datasets", "use_ray_ingest", "worker_data_source"]
 
 logger = logging.getLogger(__name__)
 
-INGEST_ENV = "MMAE_DATA_INGEST"
 """Environment variable choosing the training ingest under Ray Train: `loader` (default) or `ray`."""
 SAMPLE_ID = "sample_id"
 """Column carrying each sample's index in manifest order (for coverage checks); dropped from training batches."""
@@ -154,16 +152,14 @@ def _job_modalities(job: JobSpec) -> list[str]:
                                *(get_modality(o).target_name for o in job.modalities.outputs)]))
 
 
-def use_ray_ingest() -> bool:
-    mode = os.environ.get(INGEST_ENV, "loader").strip().lower()
-    if mode not in ("loader", "ray"):
-        raise ValueError(f"{INGEST_ENV}={mode!r}: expected 'loader' or 'ray'")
-    return mode == "ray"
+def use_ray_ingest(job: JobSpec) -> bool:
+    """Whether the job streams its pretraining train split through Ray Data (`data.ingest: ray`)."""
+    return job.stage == "pretrain" and job.data.ingest == "ray"
 
 
 def trainer_datasets(job: JobSpec) -> dict[str, Any]:
     """`TorchTrainer` keyword arguments for Ray Data ingest of the train split, or {} for the plain loader."""
-    if not use_ray_ingest():
+    if not use_ray_ingest(job):
         return {}
     import ray.train
 

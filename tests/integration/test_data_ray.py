@@ -85,7 +85,7 @@ def _train_fn(config):
         out.write_text(json.dumps({"ids": ids, "sizes": sizes, "val": val, "num_batches": src.num_batches()}))
 
 
-def _job(folders):
+def _job(folders, ingest="loader"):
     from orchestrator.spec import validate_job
 
     return validate_job({
@@ -93,7 +93,7 @@ def _job(folders):
         "model": {"preset": "tiny", "image_size": SIZE, "patch_size": 8},
         "modalities": {"inputs": ["rgb", "depth", "semseg"], "outputs": ["rgb"]},
         "masking": {"num_encoded_tokens": 4},
-        "data": {"train_url": folders["train"], "val_url": folders["val"], "shuffle_buffer": 8},
+        "data": {"train_url": folders["train"], "val_url": folders["val"], "shuffle_buffer": 8, "ingest": ingest},
         "train": {"global_batch_size": BATCH, "per_worker_batch_size": BATCH, "seed": 3},
     })
 
@@ -116,12 +116,12 @@ def _fit(job, folders, tmp_path, *, workers: int, epochs: int, tag: str) -> None
 
 
 @pytest.mark.slow
-def test_train_workers_see_every_sample_once_per_epoch_2_then_1(ray_session, folders, tmp_path, monkeypatch):
+def test_train_workers_see_every_sample_once_per_epoch_2_then_1(ray_session, folders, tmp_path):
     from orchestrator.runtime.ingest import trainer_datasets
 
-    job = _job(folders)
-    assert trainer_datasets(job) == {}  # the plain loader unless asked for
-    monkeypatch.setenv("MMAE_DATA_INGEST", "ray")
+    assert trainer_datasets(_job(folders)) == {}  # the plain loader unless asked for
+    job = _job(folders, ingest="ray")
+    assert set(trainer_datasets(job)) == {"datasets", "dataset_config"}
     _fit(job, folders, tmp_path, workers=2, epochs=2, tag="w2")
     _fit(job, folders, tmp_path, workers=1, epochs=1, tag="w1")
 

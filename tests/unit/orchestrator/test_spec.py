@@ -158,6 +158,14 @@ class TestResources:
         )
         assert "3 workers (resources.min_workers) cannot share evenly" in message
 
+    def test_data_ingest(self, tmp_path: Path) -> None:
+        assert load_job(write(tmp_path, TINY)).data.ingest == "loader"
+        assert load_job(write(tmp_path, TINY), ["data.ingest=ray"]).data.ingest == "ray"
+        assert "data.ingest: Input should be 'loader' or 'ray'" in error_of(tmp_path, TINY, ["data.ingest=spark"])
+        finetune = ["stage=finetune", "modalities.outputs=[]", "finetune.kind=depth", "data.ingest=ray"]
+        assert "data.ingest: fine-tuning reads its task targets through the plain loader" in error_of(
+            tmp_path, TINY, finetune)
+
     def test_global_batch_not_divisible_by_worker_batch(self, tmp_path: Path) -> None:
         message = error_of(tmp_path, TINY, ["train.per_worker_batch_size=12"])
         assert message.startswith("train.per_worker_batch_size (12) must divide train.global_batch_size (32)")
