@@ -186,25 +186,34 @@ def compute_losses(preds: Mapping[str, Tensor], targets: Mapping[str, Tensor],
 
     Note: norm_pix with ``loss_on_unmasked`` needs the patch grid, which is then taken from ``masks`` when given.
     """
-    weights = weights or {}
     losses: dict[str, Tensor] = {}
     for name, pred in preds.items():
-        source = get_modality(name).target_name
-        if source not in targets:
-            raise ValueError(f"loss of '{name}': the batch has no '{source}' tensor (keys: {sorted(targets)})")
-        mask_BN = None
-        if masks is not None and source in masks:
-            mask_BN = masks[source]
-        elif not loss_on_unmasked:
-            raise ValueError(f"loss of '{name}': no mask for '{source}' (masks: {sorted(masks or {})})")
+        target, mask_BN = _target_and_mask(name, targets, masks, loss_on_unmasked)
         if loss_on_unmasked:
-            losses[name] = _unmasked_loss(name, pred, targets[source], mask_BN)
+            losses[name] = _unmasked_loss(name, pred, target, mask_BN)
         else:
-            losses[name] = _head_loss(name, pred, targets[source], mask_BN)
+            losses[name] = _head_loss(name, pred, target, mask_BN)
+    return _with_total(losses, weights, "compute_losses")
+
+
+def _target_and_mask(name: str, targets: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None,
+                     loss_on_unmasked: bool) -> tuple[Tensor, Tensor | None]:
+    """The target tensor of head `name` and its token mask (None only when masks are not needed)."""
+    source = get_modality(name).target_name
+    if source not in targets:
+        raise ValueError(f"loss of '{name}': the batch has no '{source}' tensor (keys: {sorted(targets)})")
+    mask_BN = None if masks is None else masks.get(source)
+    if mask_BN is None and not loss_on_unmasked:
+        raise ValueError(f"loss of '{name}': no mask for '{source}' (masks: {sorted(masks or {})})")
+    return targets[source], mask_BN
+
+
+def _with_total(losses: dict[str, Tensor], weights: Mapping[str, float] | None, caller: str) -> dict[str, Tensor]:
+    """Add ``total``: the weighted sum of the heads' losses (missing weights are 1.0)."""
     if not losses:
-        raise ValueError("compute_losses: no predictions given")
-    total = sum(weights.get(name, 1.0) * loss for name, loss in losses.items())
-    losses["total"] = total  # type: ignore[assignment]
+        raise ValueError(f"{caller}: no predictions given")
+    weights = weights or {}
+    losses["total"] = sum(weights.get(name, 1.0) * loss for name, loss in losses.items())  # type: ignore[assignment]
     return losses
 
 
@@ -297,18 +306,8 @@ def compute_patch_losses(preds: Mapping[str, Tensor], targets: Mapping[str, Tens
     taken per pixel over the class axis of the token. Targets are patchified (cheap, no gradient) instead of
     un-patchifying the predictions. Arguments as `compute_losses`.
     """
-    weights = weights or {}
     losses: dict[str, Tensor] = {}
     for name, pred in preds.items():
-        source = get_modality(name).target_name
-        if source not in targets:
-            raise ValueError(f"loss of '{name}': the batch has no '{source}' tensor (keys: {sorted(targets)})")
-        mask_BN = None if masks is None else masks.get(source)
-        if mask_BN is None and not loss_on_unmasked:
-            raise ValueError(f"loss of '{name}': no mask for '{source}' (masks: {sorted(masks or {})})")
-        losses[name] = _patch_head_loss(name, pred, targets[source], None if loss_on_unmasked else mask_BN)
-    if not losses:
-        raise ValueError("compute_patch_losses: no predictions given")
-    total = sum(weights.get(name, 1.0) * loss for name, loss in losses.items())
-    losses["total"] = total  # type: ignore[assignment]
-    return losses
+        target, mask_BN = _target_and_mask(name, targets, masks, loss_on_unmasked)
+        losses[name] = _patch_head_loss(name, pred, target, None if loss_on_unmasked else mask_BN)
+    return _with_total(losses, weights, "compute_patch_losses")
