@@ -13,6 +13,25 @@ share rather than raising it), so the ratio compares across machines. Examples:
 peak RSS of such a run is not any one variant's). A variant is `default` or comma-separated toggles:
 `attention=auto|sdpa|explicit` (blocks.attention_kernel), `optimizer=fused|foreach` (AdamW kernels),
 `losses=patch|image` (image: full-resolution predictions and `compute_losses`, the pre-issue-7 loss path).
+
+`--mode ray` measures the whole local training loop against the bare step in one run (issues 4 and 7):
+
+    flock /tmp/mmae-cpu.lock .venv/bin/python bench/train_step.py --mode ray                 # jobs/pretrain_tiny.yaml
+    flock /tmp/mmae-cpu.lock .venv/bin/python bench/train_step.py --mode ray --set model.preset=small \
+        --set model.image_size=224 ...
+
+It renders synthetic shards once into a temporary folder (`multimae_core.data.synth.write_synth`, what `mmae data
+synth` runs), then (1) times the bare step of the job's model, batch and precision in this process (the job's
+global batch as micro-batches of ``train.per_worker_batch_size``, random data; half of the timed steps before the
+loop, half after it), and (2) runs the job through `orchestrator.runtime.local.run_local` -- the code of
+`mmae launch JOB --local`: a Ray Train TorchTrainer on a local Ray (or ``RAY_ADDRESS``), the shard loader, Ray
+Train checkpoints, MLflow (the default SQLite store under the temporary folder), the progress actor -- and reads the
+loop's own metrics (``images_per_s``, ``step_time_s``, ``data_wait_s``, one value per ``train.log_every_steps``
+window) back from the MLflow run. Steady state = the windows that end after ``--skip-steps``; medians of those.
+The ratio is loop images/s over bare images/s; the data-wait share is data_wait_s / step_time_s. `--with-fit` adds
+a third arm, the same job through `fit` in this process (same shard loader, no Ray, no MLflow), which separates the
+runtime's cost from the data pipeline's. Results and their reading: BENCHMARKS.md, "Whole local loop vs the bare
+step".
 """
 
 from __future__ import annotations
@@ -43,7 +62,8 @@ def _batch(cfg, batch_size: int, device):
     g = torch.Generator().manual_seed(0)
     size = cfg.model.image_size
     batch = {}
-    for name in cfg.modalities.inputs:
+    targets = [get_modality(o).target_name for o in cfg.modalities.outputs]
+    for name in dict.fromkeys([*cfg.modalities.inputs, *targets]):
         spec = get_modality(name)
         s = size // spec.stride_level
         if spec.kind == "dense_classes":
@@ -277,8 +297,307 @@ def run(args) -> dict[str, Any]:
     return result
 
 
+# -- Ray Train mode -----------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JOB = REPO / "jobs" / "pretrain_tiny.yaml"
+LOOP_METRICS = ("images_per_s", "step_time_s", "data_wait_s")
+
+
+def load_bench_job(job_path: Path, overrides: list[str], *, workdir: Path):
+    """The job as given (file + ``--set`` overrides), its data, checkpoints and experiment moved into ``workdir``."""
+    from orchestrator.spec import load_job
+
+    job = load_job(job_path, overrides)
+    place = [f"data.train_url={workdir / 'data' / 'train'}",
+             f"data.val_url={workdir / 'data' / 'val'}" if job.data.val_url is not None else "data.val_url=null",
+             f"checkpoint.storage_url={workdir / 'checkpoints'}",
+             "tracking.experiment=bench/train_step"]
+    return load_job(job_path, [*overrides, *place])
+
+
+def default_train_samples(job) -> int:
+    """Enough scenes for the run but at most 512 (the demo's set): later epochs re-read them."""
+    steps = job.train.max_steps or 64
+    return max(job.train.global_batch_size * 2, min(512, job.train.global_batch_size * steps))
+
+
+def write_data(job, *, train_samples: int, val_samples: int) -> dict[str, float]:
+    """Render the synthetic train (and val) shards the job reads; seconds spent."""
+    from multimae_core.data.synth import write_synth
+
+    t0 = time.perf_counter()
+    size = job.model.image_size
+    write_synth(job.data.train_url, train_samples, size=size, seed=0, samples_per_shard=64)
+    if job.data.val_url is not None and val_samples > 0:
+        write_synth(job.data.val_url, val_samples, size=size, seed=1, samples_per_shard=64)
+    return {"synth_s": round(time.perf_counter() - t0, 2), "train_samples": train_samples,
+            "val_samples": val_samples if job.data.val_url is not None else 0}
+
+
+def bare_arm(job):
+    """A bare step bound to the job's model, precision and optimizer: ``call()`` does one optimizer step over the
+    job's global batch as micro-batches of ``train.per_worker_batch_size`` (what one worker does when it is alone);
+    returns (call, images per call, accumulation)."""
+    import torch
+
+    from multimae_core.training.loop import build_step, derive_seed, train_step
+    from multimae_core.training.optim import peak_lr, set_lr
+
+    device = torch.device("cpu")
+    per = job.train.per_worker_batch_size
+    accum = job.train.global_batch_size // per
+    step = build_step(job, device=device)
+    set_lr(step.optimizer, peak_lr(job.optim, job.train.global_batch_size))
+    batch = _batch(job, per, device)
+    micro = [batch] * accum
+    counter = [0]
+
+    def call() -> None:
+        seeds = [derive_seed(job.train.seed, counter[0], i) for i in range(accum)]
+        counter[0] += 1
+        train_step(step.forward_model, step.optimizer, micro, step.settings, device=device, scaler=step.scaler,
+                   mask_generator=step.mask_generator, mask_seeds=seeds)
+
+    return call, per * accum, accum
+
+
+def time_bare(call, *, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class _WorkerWatch:
+    """Looks at the Ray Train worker processes while the loop runs (Linux /proc): their ``OMP_NUM_THREADS`` at start
+    (absent: Ray sets it to the worker's reserved CPUs) and their peak thread count."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        import threading
+
+        self.seen: dict[int, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._interval = interval_s
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            for proc in Path("/proc").glob("[0-9]*"):
+                try:
+                    if b"RayTrainWorker" not in (proc / "cmdline").read_bytes():
+                        continue
+                    env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+                    threads = int(next(line.split()[1] for line in (proc / "status").read_text().splitlines()
+                                       if line.startswith("Threads:")))
+                except (OSError, StopIteration, ValueError):
+                    continue
+                info = self.seen.setdefault(int(proc.name), {"threads_max": 0})
+                omp = env.get(b"OMP_NUM_THREADS")
+                info["omp_num_threads_at_start"] = omp.decode() if omp is not None else None
+                info["threads_max"] = max(info["threads_max"], threads)
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return list(self.seen.values())
+
+
+def run_loop(job, *, workdir: Path, tracking_uri: str | None) -> dict[str, Any]:
+    """`mmae launch JOB --local` on ``job`` from ``workdir`` (its default tracking store is ``workdir/.mmae``);
+    returns the run id, the tracking URI and the wall time of the launch."""
+    import os
+
+    from orchestrator.runtime.local import default_tracking, run_local
+
+    saved_cwd = Path.cwd()
+    saved_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(workdir)
+    try:
+        if tracking_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        uri = default_tracking()[0]
+        watch = _WorkerWatch()
+        t0 = time.perf_counter()
+        try:
+            run_id = run_local(job, fresh=True)
+        finally:
+            wall = time.perf_counter() - t0
+            workers = watch.stop()
+    finally:
+        os.chdir(saved_cwd)
+        if saved_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    return {"run_id": run_id, "tracking_uri": uri, "launch_wall_s": wall, "worker_processes": workers}
+
+
+def run_fit(job, *, workdir: Path) -> dict[str, dict[int, float]]:
+    """The same job through `fit` in this process, without Ray and MLflow: the shard loader, checkpoints to a local
+    folder (`MemoryReporter`); returns its per-window metrics as `loop_metrics` does."""
+    from multimae_core.data.loader import ShardDataSource
+    from multimae_core.training.loop import fit
+    from multimae_core.training.reporting import MemoryReporter
+
+    reporter = MemoryReporter(workdir / "fit-checkpoints", keep=job.checkpoint.keep)
+    data = ShardDataSource.from_config(job)
+    fit(job, reporter, data, device="cpu")
+    return {key: {step: value for step, value in reporter.series(key)} for key in LOOP_METRICS}
+
+
+def loop_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
+    """The loop's per-window metrics of the run as ``{key: {step: value}}``, read back from MLflow."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return {key: {int(m.step): float(m.value) for m in client.get_metric_history(run_id, key)}
+            for key in LOOP_METRICS}
+
+
+def steady_state(history: dict[str, dict[int, float]], *, skip_steps: int) -> dict[str, Any]:
+    """Medians over the reporting windows that end after ``skip_steps`` (the first windows hold the warm-up)."""
+    steps = sorted(s for s in history["images_per_s"] if s > skip_steps)
+    if not steps:
+        raise SystemExit(f"no reporting window ends after --skip-steps {skip_steps} (windows end at "
+                         f"{sorted(history['images_per_s'])}); run more steps or skip fewer")
+    all_steps = sorted(history["images_per_s"])
+    lengths = [s - (all_steps[all_steps.index(s) - 1] if all_steps.index(s) else 0) for s in steps]
+    ips = [history["images_per_s"][s] for s in steps]
+    step_s = [history["step_time_s"][s] for s in steps]
+    wait_s = [history["data_wait_s"][s] for s in steps]
+    return {
+        "windows": len(steps), "window_end_steps": steps,
+        "images_per_s": statistics.median(ips), "step_s_median": statistics.median(step_s),
+        "data_wait_s_median": statistics.median(wait_s),
+        "data_wait_share": statistics.median(w / t for w, t in zip(wait_s, step_s, strict=True)),
+        # every step of the steady windows, slow ones (checkpoint, figure, validation) included
+        "step_s_mean": sum(n * t for n, t in zip(lengths, step_s, strict=True)) / sum(lengths),
+        "data_wait_share_mean": sum(n * w for n, w in zip(lengths, wait_s, strict=True))
+        / sum(n * t for n, t in zip(lengths, step_s, strict=True)),
+        "images_per_s_all": [round(v, 3) for v in ips],
+    }
+
+
+def run_ray(args) -> dict[str, Any]:
+    """Bare step vs the whole local Ray Train loop at the job's model, batch and precision (see the docstring)."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+
+    from multimae_core.model.presets import PRESETS
+    from multimae_core.training.host import keep_freed_host_memory
+
+    workdir = Path(tempfile.mkdtemp(prefix="mmae-bench-ray-", dir=args.workdir))
+    try:
+        job = load_bench_job(args.job.resolve(), args.set or [], workdir=workdir)
+        workers = job.resources.max_workers or 1
+        if job.train.global_batch_size % job.train.per_worker_batch_size:
+            raise SystemExit("train.global_batch_size must be a multiple of train.per_worker_batch_size")
+        data = write_data(job, train_samples=args.train_samples or default_train_samples(job),
+                          val_samples=args.val_samples)
+        skip = args.skip_steps if args.skip_steps is not None else max(2 * job.train.log_every_steps,
+                                                                       (job.train.max_steps or 0) // 10)
+        tuned = keep_freed_host_memory()  # what fit() does in the worker
+        call, images, accum = bare_arm(job)
+        first = args.bare_steps // 2
+        before = time_bare(call, warmup=args.bare_warmup, steps=first)
+        loop = run_loop(job, workdir=workdir, tracking_uri=args.tracking_uri)
+        history = loop_metrics(loop["tracking_uri"], loop["run_id"])
+        fit_steady = steady_state(run_fit(job, workdir=workdir), skip_steps=skip) if args.with_fit else None
+        after = time_bare(call, warmup=1, steps=args.bare_steps - first)
+        bare_times = before + after
+        bare_step = statistics.median(bare_times)
+        bare_ips = images / bare_step
+        steady = steady_state(history, skip_steps=skip)
+        total_steps = job.train.max_steps
+        result: dict[str, Any] = {
+            "mode": "ray", "job": str(args.job), "overrides": args.set or [],
+            "preset": job.model.preset, "image_size": job.model.image_size,
+            "embed_dim": job.model.embed_dim or PRESETS[job.model.preset].embed_dim,
+            "depth": job.model.depth or PRESETS[job.model.preset].depth, "precision": job.train.precision,
+            "global_batch_size": job.train.global_batch_size,
+            "per_worker_batch_size": job.train.per_worker_batch_size, "ray_workers": workers,
+            "bare_micro_batches": accum, "max_steps": total_steps, "log_every_steps": job.train.log_every_steps,
+            "checkpoint_every_steps": job.checkpoint.every_steps, "data_loader_workers": job.data.num_workers,
+            "skip_steps": skip, **data,
+            "bare_images_per_s": round(bare_ips, 3), "bare_step_s_median": round(bare_step, 4),
+            "bare_step_s_before": [round(t, 4) for t in before], "bare_step_s_after": [round(t, 4) for t in after],
+            "bare_torch_threads": torch.get_num_threads(), "host_allocator_tuned": tuned,
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+            "loop_images_per_s": round(steady["images_per_s"], 3),
+            "loop_step_s_median": round(steady["step_s_median"], 4),
+            "loop_windows": steady["windows"], "loop_window_end_steps": steady["window_end_steps"],
+            "loop_images_per_s_all_windows": steady["images_per_s_all"],
+            "ratio": round(steady["images_per_s"] / bare_ips, 4),
+            "loop_images_per_s_mean": round(job.train.global_batch_size / steady["step_s_mean"], 3),
+            "ratio_mean": round(job.train.global_batch_size / steady["step_s_mean"] / bare_ips, 4),
+            "data_wait_share_mean": round(steady["data_wait_share_mean"], 4),
+            "data_wait_s_median": round(steady["data_wait_s_median"], 5),
+            "data_wait_share": round(steady["data_wait_share"], 4),
+            "launch_wall_s": round(loop["launch_wall_s"], 2),
+            "launch_images_per_s": round(job.train.global_batch_size * (total_steps or 0) / loop["launch_wall_s"], 3),
+            "run_id": loop["run_id"], "ray_worker_processes": loop["worker_processes"],
+        }
+        if fit_steady is not None:
+            result.update({
+                "fit_images_per_s": round(fit_steady["images_per_s"], 3),
+                "fit_ratio": round(fit_steady["images_per_s"] / bare_ips, 4),
+                "fit_data_wait_share": round(fit_steady["data_wait_share"], 4),
+                "fit_images_per_s_all_windows": fit_steady["images_per_s_all"],
+            })
+        result["goal_ratio_met"] = result["ratio"] >= 0.9
+        result["goal_data_wait_met"] = result["data_wait_share"] < 0.05
+        return result
+    finally:
+        if args.keep_workdir:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ray_table(r: dict[str, Any]) -> str:
+    bare_n = len(r["bare_step_s_before"]) + len(r["bare_step_s_after"])
+    ratio_goal = "goal >= 0.90 " + ("met" if r["goal_ratio_met"] else "NOT met")
+    wait_goal = "goal < 5 % " + ("met" if r["goal_data_wait_met"] else "NOT met")
+    rows = [
+        ("bare step img/s", f"{r['bare_images_per_s']:.2f}",
+         f"median of {bare_n} steps, {r['bare_step_s_median']:.4f} s/step"),
+        ("loop img/s", f"{r['loop_images_per_s']:.2f}",
+         f"median of {r['loop_windows']} windows, {r['loop_step_s_median']:.4f} s/step"),
+        ("ratio loop/bare", f"{r['ratio']:.3f}", ratio_goal),
+        ("data wait share", f"{100 * r['data_wait_share']:.2f} %", wait_goal),
+        ("loop img/s, all steps", f"{r['loop_images_per_s_mean']:.2f}",
+         f"ratio {r['ratio_mean']:.3f}, data wait {100 * r['data_wait_share_mean']:.2f} % (slow windows included)"),
+    ]
+    head = (f"{r['preset']} {r['image_size']} px, embed {r['embed_dim']} x {r['depth']}, {r['precision']}, "
+            f"global batch {r['global_batch_size']} ({r['per_worker_batch_size']} per worker, {r['ray_workers']} "
+            f"worker(s)), {r['max_steps']} steps, steady state after step {r['skip_steps']}")
+    if "fit_images_per_s" in r:
+        rows.append(("fit() in-process img/s", f"{r['fit_images_per_s']:.2f}",
+                     f"ratio {r['fit_ratio']:.3f}, data wait {100 * r['fit_data_wait_share']:.2f} % "
+                     "(no Ray, no MLflow)"))
+    omp = sorted({str(p.get("omp_num_threads_at_start")) for p in r["ray_worker_processes"]})
+    rows.append(("worker OMP_NUM_THREADS", ",".join(omp) or "?",
+                 "None: set by Ray to the reserved CPUs; bare step: "
+                 f"{r['bare_torch_threads']} torch threads"))
+    w = max(len(a) for a, _, _ in rows)
+    return "\n".join([head, *(f"  {a:<{w}}  {b:>10}   {c}" for a, b, c in rows)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", default="step", choices=["step", "ray"],
+                   help="step: the bare step alone (default); ray: whole local Ray Train loop vs the bare step")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "large"])
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=224)
@@ -293,7 +612,30 @@ def main() -> None:
     p.add_argument("--no-host-tuning", action="store_true",
                    help="leave glibc malloc at its defaults (fit() keeps freed memory on CPU devices; host.py)")
     p.add_argument("--json", type=Path, help="also write the result here")
+    ray = p.add_argument_group("--mode ray")
+    ray.add_argument("--job", type=Path, default=DEFAULT_JOB, help="job YAML (default jobs/pretrain_tiny.yaml)")
+    ray.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="job override as `mmae launch --set` takes it (repeatable); e.g. model.preset=small, "
+                          "model.image_size=224, train.per_worker_batch_size=16, train.max_steps=60")
+    ray.add_argument("--train-samples", type=int, help="synthetic training scenes (default: one per sample the run "
+                     "reads, at most 512)")
+    ray.add_argument("--val-samples", type=int, default=64, help="synthetic validation scenes (the demo's 64)")
+    ray.add_argument("--bare-steps", type=int, default=6, help="timed bare steps, half before and half after the loop")
+    ray.add_argument("--bare-warmup", type=int, default=2)
+    ray.add_argument("--skip-steps", type=int, help="steady state: use windows ending after this step (default: "
+                     "two logging windows or 10 %% of the steps, whichever is more)")
+    ray.add_argument("--with-fit", action="store_true",
+                     help="also run the job through fit() in this process (shard loader, no Ray, no MLflow)")
+    ray.add_argument("--tracking-uri", help="MLflow tracking URI (default: local mode's SQLite store in the temp dir)")
+    ray.add_argument("--workdir", help="parent of the temporary folder (default: the system temp dir)")
+    ray.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args()
+    if args.mode == "ray":
+        result = run_ray(args)
+        print(ray_table(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     result = run(args)
     print(json.dumps(result, indent=1))
     if args.json:

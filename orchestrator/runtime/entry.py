@@ -274,12 +274,14 @@ def _final_weights(result, run_id: str, client) -> str | None:
 
 def run_training(job: JobSpec, *, scaling: Scaling, fresh: bool = False, launch: str = "sky",
                  tracking_uri: str | None = None, artifact_location: str | None = None, progress: bool = False,
-                 echo: Callable[[str], None] | None = None) -> LaunchResult:
+                 echo: Callable[[str], None] | None = None, worker_env: Mapping[str, str] | None = None,
+                 ) -> LaunchResult:
     """Run one launch of ``job`` on the connected Ray cluster and return its MLflow run.
 
     Ray must be initialised (see `init_ray`); ``tracking_uri`` None takes MLflow's (``MLFLOW_TRACKING_URI``).
     ``artifact_location`` applies when the experiment is created here. ``echo`` receives the human-readable lines
-    (resume or fresh start, the final step); ``progress`` shows a progress bar on stderr.
+    (resume or fresh start, the final step); ``progress`` shows a progress bar on stderr. ``worker_env``: extra
+    environment variables of the Ray Train workers (e.g. ``OMP_NUM_THREADS``, see `local.worker_threads_env`).
     Raises what the training raised, after marking the run FAILED (KILLED on KeyboardInterrupt).
     """
     import ray
@@ -330,7 +332,8 @@ def run_training(job: JobSpec, *, scaling: Scaling, fresh: bool = False, launch:
                 storage_path=storage,
                 failure_config=ray.train.FailureConfig(max_failures=job.resources.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep),
-                worker_runtime_env={"env_vars": forwarded_env({"MLFLOW_TRACKING_URI": tracked.tracking_uri})},
+                worker_runtime_env={"env_vars": forwarded_env({"MLFLOW_TRACKING_URI": tracked.tracking_uri,
+                                                               **(worker_env or {})})},
             ),
             **worker.trainer_datasets(job_for_workers),
         )
