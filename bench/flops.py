@@ -84,4 +84,5 @@ def matmul_ceiling(dtype_name: str = "float32", device: str = "cpu", n: int = 20
 if __name__ == "__main__":
     base = StepShape(embed_dim=768, depth=12, decoder_dim=256, decoder_depth=2)
     parts = forward_flops(base)
-    print({k: round(v / 1e9, 3) for k, v in parts.items()}, "train step GFLOP/img:", round(train_step_flops(base) / 1e9, 2))
+    print({k: round(v / 1e9, 3) for k, v in parts.items()},
+          "train step GFLOP/img:", round(train_step_flops(base) / 1e9, 2))
