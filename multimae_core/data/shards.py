@@ -331,9 +331,8 @@ def _decode_modality(name: str, enc: Encoding, blob: bytes, suffix: str, shard: 
         if enc.format not in ("png8", "jpg"):
             raise ShardDataError(shard, key, f"{suffix}: image modalities must be png8 or jpg, manifest says "
                                  f"{enc.format}")
-        if spec.num_channels == 1:
-            return np.asarray(img.convert("L"))
-        return np.asarray(img.convert("RGB"))
+        want = "L" if spec.num_channels == 1 else "RGB"
+        return np.asarray(img if img.mode == want else img.convert(want))
     if spec.kind == "dense_classes":
         if mode in ("L", "P"):
             arr = np.asarray(img)
@@ -358,7 +357,8 @@ def _decode_modality(name: str, enc: Encoding, blob: bytes, suffix: str, shard: 
             raise ShardDataError(shard, key, f"{suffix}: unexpected {name} encoding: PNG mode {mode!r}, manifest "
                                  f"says {enc.format} with {spec.num_channels} channels (8-bit RGB expected)")
         raw = np.asarray(img)
-    out = raw.astype(np.float32) * np.float32(enc.scale)
+    out = raw.astype(np.float32)
+    out *= np.float32(enc.scale)
     if enc.offset:
         out += np.float32(enc.offset)
     return out

@@ -40,6 +40,9 @@ __all__ = [
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+_MEAN_C11 = IMAGENET_MEAN[:, None, None]
+_STD_C11 = IMAGENET_STD[:, None, None]
+
 VECTOR_FIELDS: dict[str, int] = {"normal": 0}
 """Modalities holding per-pixel vectors in camera axes, and the channel a horizontal flip negates (x)."""
 
@@ -102,9 +105,9 @@ def apply_crop(name: str, arr: np.ndarray, params: CropParams, out_hw: tuple[int
     if spec.kind == "image":
         out = _resize(arr, None, (ow, oh), box, Image.BICUBIC)
     elif spec.kind == "dense_classes":
-        out = _resize(arr.astype(np.int32), "I", (ow, oh), box, Image.NEAREST)
+        out = _resize(arr.astype(np.int32, copy=False), "I", (ow, oh), box, Image.NEAREST)
     elif arr.ndim == 2:
-        out = _resize(arr.astype(np.float32), "F", (ow, oh), box, Image.BICUBIC)
+        out = _resize(arr.astype(np.float32, copy=False), "F", (ow, oh), box, Image.BICUBIC)
     else:
         # Multi-channel regression (normals): bilinear per channel, so no overshoot past unit length.
         out = np.stack([_resize(np.ascontiguousarray(arr[..., c], dtype=np.float32), "F", (ow, oh), box,
@@ -133,12 +136,15 @@ def normalize_modality(name: str, arr: np.ndarray) -> np.ndarray:
     spec = get_modality(name)
     if spec.kind == "dense_classes":
         return arr.astype(np.int64)
-    x = arr.astype(np.float32)
+    # One channel-first float32 copy, then in-place element-wise ops: the same float32 operations in the same
+    # order as `(x / 255 - mean) / std` on temporaries, without the temporaries and the final layout copy.
+    x = np.empty((1, *arr.shape) if arr.ndim == 2 else (arr.shape[2], arr.shape[0], arr.shape[1]), np.float32)
+    x[...] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     if spec.kind == "image":
-        x = x / 255.0
-    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+        np.divide(x, 255.0, out=x)
     if spec.normalization == "imagenet":
-        x = (x - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+        np.subtract(x, _MEAN_C11, out=x)
+        np.divide(x, _STD_C11, out=x)
     elif spec.normalization == "standardize":
         x = standardize_depth_np(x)
     return np.ascontiguousarray(x, dtype=np.float32)
