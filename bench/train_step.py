@@ -363,14 +363,8 @@ def bare_arm(job):
 
 
 def time_bare(call, *, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return times
+    """Seconds of each of ``steps`` calls of the bare arm after ``warmup`` untimed ones (CPU: nothing to sync)."""
+    return _time_steps(lambda _batch: call(), None, warmup, steps, sync=lambda: None)
 
 
 class _WorkerWatch:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _runs import remove_leaked_local_checkpoints, runs_with_key
 
 from orchestrator.spec import validate_job
 
@@ -76,32 +76,6 @@ def _wait(condition: Callable[[], object], *, timeout: float, what: str, alive: 
         assert alive is None or alive.is_alive(), f"the run ended while waiting for {what}"
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(interval)
-
-
-def _runs_with_key(client, experiment: str, run_key: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mmae.run_key` = '{run_key}'")
-
-
-def _remove_leaked_local_checkpoints(run_key: str, since: float) -> None:
-    """Delete the local checkpoint copies that killed workers of this run left in the temp folder (the reporter
-    removes its copy after the upload, which a SIGKILL or a stopped worker group never reaches): complete ones of
-    ``run_key``, and half-written or empty ones (no run info yet; other ranks write nothing) made since ``since``
-    (epoch seconds) by this test's run."""
-    for folder in Path(tempfile.gettempdir()).glob("mmae-ckpt-*"):
-        info = folder / "checkpoint" / "mmae_run.json"
-        try:
-            if info.is_file():
-                mine = json.loads(info.read_text()).get("run_key") == run_key
-            else:
-                leftovers = [c.name for c in folder.iterdir()]
-                mine = folder.stat().st_mtime >= since and all(n.startswith("checkpoint") for n in leftovers)
-        except (OSError, ValueError):
-            continue
-        if mine:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +253,7 @@ def test_run_shrinks_to_one_worker_and_grows_back(cluster, one_batch_data, mlflo
         _note(capsys, f"2 workers again from step {step_back} after {time.monotonic() - t_add:.1f} s")
     finally:
         thread.join(timeout=300)
-        _remove_leaked_local_checkpoints(run_key, started)
+        remove_leaked_local_checkpoints(run_key, started)
     assert not thread.is_alive(), "the run did not end"
     if "error" in outcome:
         raise outcome["error"]
@@ -289,7 +263,7 @@ def test_run_shrinks_to_one_worker_and_grows_back(cluster, one_batch_data, mlflo
 
     # One MLflow run, FINISHED at the configured step count.
     assert result.final_step == max_steps
-    (run,) = _runs_with_key(client, experiment, run_key)
+    (run,) = runs_with_key(client, experiment, run_key)
     assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
 
     # The worker count as a metric: 2, then 1, then 2 again (in logging order; restarts repeat some steps).

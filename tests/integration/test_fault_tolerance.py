@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _runs import remove_leaked_local_checkpoints, runs_with_key
 
 from orchestrator.spec import validate_job
 
@@ -77,13 +77,6 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float, int]]:
     return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
 
 
-def _runs_with_key(client, experiment: str, run_key: str):
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mmae.run_key` = '{run_key}'")
-
-
 def _train_worker_pids() -> set[int]:
     """PIDs of the live Ray Train worker actors of the connected cluster (Ray's actor table in the GCS; the public
     state API needs the dashboard, which the test cluster does not run)."""
@@ -103,25 +96,6 @@ def _wait(condition: Callable[[], object], *, timeout: float, what: str, alive: 
         assert alive is None or alive.is_alive(), f"the run ended while waiting for {what}"
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(interval)
-
-
-def _remove_leaked_local_checkpoints(run_key: str, since: float) -> None:
-    """Delete the local checkpoint copies that killed workers of this run left in the temp folder (the reporter
-    removes its copy after the upload, which a SIGKILL or a stopped worker group never reaches): complete ones of
-    ``run_key``, and half-written or empty ones (no run info yet; other ranks write nothing) made since ``since``
-    (epoch seconds) by this test's run."""
-    for folder in Path(tempfile.gettempdir()).glob("mmae-ckpt-*"):
-        info = folder / "checkpoint" / "mmae_run.json"
-        try:
-            if info.is_file():
-                mine = json.loads(info.read_text()).get("run_key") == run_key
-            else:
-                leftovers = [c.name for c in folder.iterdir()]
-                mine = folder.stat().st_mtime >= since and all(n.startswith("checkpoint") for n in leftovers)
-        except (OSError, ValueError):
-            continue
-        if mine:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Launch:
@@ -194,7 +168,7 @@ def test_sigkilled_worker_restarts_from_last_checkpoint_in_same_run(ray_connecte
 
     t0, started = time.monotonic(), time.time()
     launch = _Launch(job, Scaling(2, 2, use_gpu=False), mlflow_uri)
-    run = _wait(lambda: (_runs_with_key(client, experiment, run_key) or [None])[0], timeout=120,
+    run = _wait(lambda: (runs_with_key(client, experiment, run_key) or [None])[0], timeout=120,
                 what="the MLflow run", alive=launch.thread, interval=0.5)
     run_id = run.info.run_id
 
@@ -222,11 +196,11 @@ def test_sigkilled_worker_restarts_from_last_checkpoint_in_same_run(ray_connecte
     _note(capsys, f"new worker group {sorted(new_pids)} after {time.monotonic() - t_kill:.1f} s")
     result = launch.join(timeout=300)
     _note(capsys, f"run with one killed worker: {time.monotonic() - t0:.1f} s")
-    _remove_leaked_local_checkpoints(run_key, started)
+    remove_leaked_local_checkpoints(run_key, started)
 
     # One MLflow run for the job, the one the driver created, FINISHED at the configured step count.
     assert result.run_id == run_id and result.final_step == max_steps
-    (only,) = _runs_with_key(client, experiment, run_key)
+    (only,) = runs_with_key(client, experiment, run_key)
     assert only.info.run_id == run_id and only.info.status == "FINISHED"
     assert only.data.tags["mmae.checkpoint_step"] == str(max_steps)
     assert _snapshot_step(snapshot) == max_steps
@@ -313,9 +287,9 @@ def test_crash_while_writing_checkpoint_keeps_previous_checkpoint(ray_connected,
 
     result = launch.join(timeout=300)
     _note(capsys, f"run with a crash in a checkpoint write: {time.monotonic() - t0:.1f} s")
-    _remove_leaked_local_checkpoints(run_key, started)
+    remove_leaked_local_checkpoints(run_key, started)
     assert result.final_step == max_steps
-    (run,) = _runs_with_key(client, experiment, run_key)
+    (run,) = runs_with_key(client, experiment, run_key)
     assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
 
     # The restarted workers resumed from the previous checkpoint: after the crash, steps 4..9 were logged again.

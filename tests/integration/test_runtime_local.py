@@ -18,31 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _runs import runs_with_key, tiny_job
 
-from orchestrator.spec import flatten, render, validate_job
+from orchestrator.spec import flatten, render
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def tiny_job(*, train_url: str, val_url: str, storage_url: str, experiment: str, workers: int, max_steps: int,
-             every_steps: int, name: str = "rt-tiny"):
-    """A MultiMAE small enough for a few seconds per step on 2 shared cores: embed 64, depth 2, 32 px."""
-    return validate_job({
-        "name": name,
-        "model": {"preset": "tiny", "image_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-                  "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 2, "semseg_dim_class_emb": 16},
-        "modalities": {"inputs": ["rgb", "depth"], "outputs": ["rgb", "depth"]},
-        "masking": {"num_encoded_tokens": 12},
-        "data": {"train_url": train_url, "val_url": val_url, "shuffle_buffer": 8, "num_workers": 0},
-        "optim": {"lr": 3e-3, "warmup_steps": 2, "min_lr": 1e-4, "weight_decay": 0.0},
-        "train": {"max_steps": max_steps, "global_batch_size": 8, "per_worker_batch_size": 8 // workers,
-                  "log_every_steps": 1, "image_every_steps": 6, "seed": 0},
-        "checkpoint": {"storage_url": storage_url, "every_steps": every_steps, "keep": 2},
-        "tracking": {"experiment": experiment, "log_system_metrics": True},
-        "resources": {"max_workers": workers},
-    })
 
 
 def _note(capsys, message: str) -> None:
@@ -60,11 +42,6 @@ def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     for item in client.list_artifacts(run_id, path):
         out.extend(_artifacts(client, run_id, item.path) if item.is_dir else [item.path])
     return out
-
-
-def _runs_with_key(client, experiment: str, run_key: str):
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mmae.run_key` = '{run_key}'")
 
 
 def test_local_run_streams_from_s3_and_records_mlflow(s3_endpoint, mlflow_uri, ray_local, tmp_path, monkeypatch,
@@ -199,7 +176,7 @@ def test_relaunch_resumes_same_run_and_fresh_starts_new(mlflow_uri, ray_local, t
     _note(capsys, f"launcher killed after checkpoint step {killed_at}: {time.monotonic() - t0:.1f} s")
     assert 3 <= killed_at < 12, "the first launch must be interrupted before its end"
     client = MlflowClient(mlflow_uri)
-    (first,) = _runs_with_key(client, experiment, run_key)
+    (first,) = runs_with_key(client, experiment, run_key)
     assert first.info.status == "RUNNING"  # killed: nobody could mark it
 
     # 2. The same job launched again: same MLflow run, resumed from the stored checkpoint (not step 0), says so.
@@ -210,7 +187,7 @@ def test_relaunch_resumes_same_run_and_fresh_starts_new(mlflow_uri, ray_local, t
     _note(capsys, f"resumed run: {time.monotonic() - t1:.1f} s")
     resumed_from = _snapshot_step(snapshot)
     assert run_id == first.info.run_id
-    assert len(_runs_with_key(client, experiment, run_key)) == 1
+    assert len(runs_with_key(client, experiment, run_key)) == 1
     assert f"Resuming from step {killed_at}" in err, err[-2000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -231,7 +208,7 @@ def test_relaunch_resumes_same_run_and_fresh_starts_new(mlflow_uri, ray_local, t
     assert fresh.data.tags["mmae.run_key"].startswith(run_key + "-")
     assert fresh.info.status == "FINISHED"
     assert [s for s, _, _ in _history(client, fresh_id, "train/loss/total")] == list(range(1, 13))
-    assert len(_runs_with_key(client, experiment, run_key)) == 1
+    assert len(runs_with_key(client, experiment, run_key)) == 1
 
 
 def test_failed_run_is_marked_failed_with_the_error(mlflow_uri, ray_local, tmp_path, monkeypatch, capsys):
@@ -254,7 +231,7 @@ def test_failed_run_is_marked_failed_with_the_error(mlflow_uri, ray_local, tmp_p
     _note(capsys, f"failing run: {time.monotonic() - t0:.1f} s")
     assert "no-such-shards" in str(info.value)
     client = MlflowClient(mlflow_uri)
-    (run,) = _runs_with_key(client, experiment, resolve_run_key(job, env={}))
+    (run,) = runs_with_key(client, experiment, resolve_run_key(job, env={}))
     assert run.info.status == "FAILED"
     error = run.data.tags["mmae.error"]
     assert "no-such-shards" in error and "rank 0" in error and "\n" not in error  # one line, not the traceback

@@ -26,9 +26,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _runs import tiny_job
 
 from orchestrator.launch import sky as sky_task
-from orchestrator.spec import validate_job
 
 pytestmark = pytest.mark.slow
 
@@ -43,24 +43,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _tiny_job(*, train_url: str, storage_url: str, experiment: str, max_steps: int):
-    """One CPU worker, embed 64, depth 2, 32 px (as in test_runtime_local)."""
-    return validate_job({
-        "name": "sky-run-script",
-        "model": {"preset": "tiny", "image_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2,
-                  "decoder_embed_dim": 64, "decoder_depth": 1, "decoder_num_heads": 2, "semseg_dim_class_emb": 16},
-        "modalities": {"inputs": ["rgb", "depth"], "outputs": ["rgb", "depth"]},
-        "masking": {"num_encoded_tokens": 12},
-        "data": {"train_url": train_url, "val_url": None, "shuffle_buffer": 8, "num_workers": 0},
-        "optim": {"lr": 3e-3, "warmup_steps": 1, "min_lr": 1e-4, "weight_decay": 0.0},
-        "train": {"max_steps": max_steps, "global_batch_size": 8, "per_worker_batch_size": 8,
-                  "log_every_steps": 1, "image_every_steps": 100, "seed": 0},
-        "checkpoint": {"storage_url": storage_url, "every_steps": 2, "keep": 1},
-        "tracking": {"experiment": experiment, "log_system_metrics": False},
-        "resources": {"num_nodes": 1, "max_workers": 1, "cpus_per_worker": 1.0},
-    })
 
 
 def _own_pids(marker: str) -> list[int]:
@@ -127,8 +109,8 @@ def test_run_script_trains_on_a_one_node_cluster(managed, mlflow_server, tmp_pat
     write_synth(str(tmp_path / "data/train"), 16, size=32, seed=0, samples_per_shard=8, num_workers=1)
     experiment = f"sky-run-{uuid.uuid4().hex[:8]}"
     max_steps = 3
-    job = _tiny_job(train_url=str(tmp_path / "data/train"), storage_url=str(tmp_path / "ckpt"),
-                    experiment=experiment, max_steps=max_steps)
+    job = tiny_job(train_url=str(tmp_path / "data/train"), storage_url=str(tmp_path / "ckpt"),
+                   experiment=experiment, max_steps=max_steps, name="sky-run-script", system_metrics=False)
 
     # The task exactly as `mmae launch --dry-run` builds it, then parsed by SkyPilot with the Ray token secret.
     launch_env = {"MLFLOW_TRACKING_URI": mlflow_server, "HOME": str(tmp_path / "launcher-home")}
