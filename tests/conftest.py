@@ -37,6 +37,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Kill worker processes a failed or timed-out test left behind: Python joins non-daemon multiprocessing
+    children at exit, so one deadlocked worker would otherwise keep the finished suite from exiting."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)
+
+
 def find_shared() -> Path:
     """The project's `shared/` folder: beside the repository (CI clones elsewhere with shared/ next to the clone)."""
     for parent in [REPO, *REPO.parents]:
@@ -170,6 +180,7 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     subprocess.run(
+        # (No Ray client server: ray[client] is not installed, so port 10001 stays free for other Rays.)
         [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
          "--disable-usage-stats", f"--temp-dir={tmp}"],
         check=True, env=env, capture_output=True, timeout=180,

@@ -1,12 +1,18 @@
 """Process-group setup that works under plain python, torchrun and Ray Train; DDP wrapping; rank helpers.
 
 An existing process group (Ray Train creates one) is reused; otherwise one is created from the torchrun environment
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); otherwise the run is a single process. The DDP wrapping is done here
-rather than by the launcher so that numerics do not depend on it (house style 4.4, item 20).
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); otherwise the run is a single process. A group created here lives
+until the process exits, so later `fit` / `evaluate_only` calls in the same processes reuse it: destroying it and
+creating another on the same MASTER_PORT races (a rank that re-initialises first can reach the previous group's TCP
+store, still served by a slower rank 0, read its stale rendezvous keys, and then fail or wait forever for a peer).
+
+The DDP wrapping is done here rather than by the launcher so that numerics do not depend on it (house style 4.4,
+item 20).
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -28,7 +34,6 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_main_process",
-    "shutdown_distributed",
     "unwrap_model",
     "warn_once",
     "wrap_ddp",
@@ -46,7 +51,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     owns_group: bool
-    """True when `init_distributed` created the process group (and `shutdown_distributed` should destroy it)."""
+    """True when this module created the process group (in this call or an earlier one of this process)."""
 
     @property
     def is_main(self) -> bool:
@@ -80,6 +85,14 @@ def _default_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_created_group = False  # this process's default group was made by init_distributed (destroyed at exit)
+
+
+def _destroy_created_group() -> None:
+    if _created_group and is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device: str | torch.device | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
     """Reuse or create the process group and pick the device.
 
@@ -87,12 +100,12 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
         device: Training device; None takes ``cuda:<local_rank>`` when CUDA is available, else the CPU.
         timeout_s: Collective timeout of a group created here.
     """
+    global _created_group
     env = os.environ
     local_rank = int(env.get("LOCAL_RANK", "0"))
     dev = torch.device(device) if device is not None else _default_device(local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    owns = False
     if not is_initialized() and int(env.get("WORLD_SIZE", "1")) > 1 and "RANK" in env:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ValueError("WORLD_SIZE > 1 but MASTER_ADDR / MASTER_PORT are not set; launch with torchrun")
@@ -100,15 +113,12 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
         dist.init_process_group(backend=backend, init_method="env://",
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
-        owns = True
+        if not _created_group:
+            atexit.register(_destroy_created_group)
+        _created_group = True
         logger.info("initialised %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
-    return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev, owns_group=owns)
-
-
-def shutdown_distributed(info: DistInfo) -> None:
-    """Destroy the process group if `init_distributed` created it."""
-    if info.owns_group and is_initialized():
-        dist.destroy_process_group()
+    return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev,
+                    owns_group=_created_group and is_initialized())
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:

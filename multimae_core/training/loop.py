@@ -455,10 +455,7 @@ def fit(cfg: TrainConfig, reporter: Reporter, data: DataSource, *, device: str |
     info = dist_utils.init_distributed(device)
     if info.device.type == "cpu":
         keep_freed_host_memory()  # no page-fault churn between steps (host.py)
-    try:
-        return _Run(cfg, reporter, data, info).run()
-    finally:
-        dist_utils.shutdown_distributed(info)
+    return _Run(cfg, reporter, data, info).run()  # a group made here stays for the next call (distributed.py)
 
 
 def evaluate_only(cfg: TrainConfig, data: DataSource, *, reporter: Reporter | None = None,
@@ -470,34 +467,31 @@ def evaluate_only(cfg: TrainConfig, data: DataSource, *, reporter: Reporter | No
     ``val/`` prefix.
     """
     info = dist_utils.init_distributed(device)
-    try:
-        objective = make_objective(cfg)
-        torch.manual_seed(cfg.train.seed)
-        model = objective.build_model().to(info.device)
-        objective.initialise(model, require_head=True)
-        batches = data.epoch_batches(0, split="val")
-        first: dict[str, Tensor] | None = None
+    objective = make_objective(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = objective.build_model().to(info.device)
+    objective.initialise(model, require_head=True)
+    batches = data.epoch_batches(0, split="val")
+    first: dict[str, Tensor] | None = None
 
-        def keep_first(it: Any) -> Any:
-            nonlocal first
-            for batch in it:
-                if first is None:
-                    first = {k: v[:FIGURE_SAMPLES].clone() for k, v in batch.items()}
-                yield batch
+    def keep_first(it: Any) -> Any:
+        nonlocal first
+        for batch in it:
+            if first is None:
+                first = {k: v[:FIGURE_SAMPLES].clone() for k, v in batch.items()}
+            yield batch
 
-        values = objective.validate(model, keep_first(batches), device=info.device, seed=cfg.train.seed,
-                                    rank=info.rank, world_size=info.world_size)
-        _close(batches)
-        if reporter is not None and values:
-            reporter.report(0, {f"val/{k}": v for k, v in values.items()})
-            if info.is_main and first is not None:
-                image = objective.figure(model, first, device=info.device,
-                                         generator=torch.Generator(device=info.device), seed=cfg.train.seed)
-                if image is not None:
-                    reporter.log_image(0, objective.figure_key, image)
-        return values
-    finally:
-        dist_utils.shutdown_distributed(info)
+    values = objective.validate(model, keep_first(batches), device=info.device, seed=cfg.train.seed,
+                                rank=info.rank, world_size=info.world_size)
+    _close(batches)
+    if reporter is not None and values:
+        reporter.report(0, {f"val/{k}": v for k, v in values.items()})
+        if info.is_main and first is not None:
+            image = objective.figure(model, first, device=info.device,
+                                     generator=torch.Generator(device=info.device), seed=cfg.train.seed)
+            if image is not None:
+                reporter.log_image(0, objective.figure_key, image)
+    return values
 
 
 class TrainStep:

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _spawn import free_port, run_workers
 
 from multimae_core.config import TrainConfig
 from multimae_core.training.loop import fit
@@ -71,14 +70,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_match_one_and_reduce_metrics_over_the_set(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_workers(_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for kind in KINDS:
         single = fit(_cfg(kind), MemoryReporter(), _data(kind, 0, 1), device="cpu")

@@ -4,13 +4,12 @@ one process over all the data."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import free_port, run_workers
 
 from multimae_core.metrics import ConfusionMatrix, DepthMetrics, TopKAccuracy
 
@@ -56,14 +55,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_reduction_equals_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_workers(_worker, (2, free_port(), str(tmp_path)), nprocs=2)
     single = {}
     for metric in _metrics(0, 8):
         single.update(metric.compute())
