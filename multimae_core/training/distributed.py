@@ -130,7 +130,8 @@ def wrap_ddp(model: nn.Module, device: torch.device, *, find_unused_parameters: 
     if get_world_size() <= 1:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+    # forward_sync_buffers replaces the deprecated broadcast_buffers (torch 2.14); it keeps the sync at construction.
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
                                                find_unused_parameters=find_unused_parameters)
 
 

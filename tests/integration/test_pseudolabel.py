@@ -73,7 +73,7 @@ def _reference_depth(model_dir: Path, rgb: np.ndarray) -> np.ndarray:
     from transformers import DPTForDepthEstimation
 
     model = DPTForDepthEstimation.from_pretrained(model_dir).eval()
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].double() / 255
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None].double() / 255  # a writable copy
     x = ((x - 0.5) / 0.5).float()
     with torch.no_grad():
         disp = model(pixel_values=x).predicted_depth[:, None]
