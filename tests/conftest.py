@@ -67,6 +67,7 @@ def reference_dir(shared_dir: Path) -> Path:
 
 
 def free_port() -> int:
+    """A loopback TCP port free at the time of the call (also imported by tests: `from conftest import free_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -180,7 +181,6 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
     subprocess.run(
-        # (No Ray client server: ray[client] is not installed, so port 10001 stays free for other Rays.)
         [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=false",
          "--disable-usage-stats", f"--temp-dir={tmp}"],
         check=True, env=env, capture_output=True, timeout=180,

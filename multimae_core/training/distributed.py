@@ -50,8 +50,6 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    owns_group: bool
-    """True when this module created the process group (in this call or an earlier one of this process)."""
 
     @property
     def is_main(self) -> bool:
@@ -117,8 +115,7 @@ def init_distributed(device: str | torch.device | None = None, *, timeout_s: flo
             atexit.register(_destroy_created_group)
         _created_group = True
         logger.info("initialised %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
-    return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev,
-                    owns_group=_created_group and is_initialized())
+    return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=dev)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:

@@ -7,19 +7,11 @@ overall limit. Here the workers are daemons, killed when the deadline passes, an
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    """A loopback TCP port free at the time of the call."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_workers(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int, *, timeout_s: float = 180.0) -> None:

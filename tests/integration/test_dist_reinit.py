@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _spawn import free_port, run_workers
+from _spawn import run_workers
+from conftest import free_port
 
 from multimae_core.config import TrainConfig
 from multimae_core.training.loop import fit

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _spawn import free_port, run_workers
+from _spawn import run_workers
+from conftest import free_port
 
 from multimae_core.config import TrainConfig
 from multimae_core.training.loop import fit

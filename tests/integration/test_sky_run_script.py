@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from _runs import tiny_job
+from conftest import free_port
 
 from orchestrator.launch import sky as sky_task
 
@@ -35,14 +36,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT_TIMEOUT_S = 240
 AGENT_PORT = 52366
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _own_pids(marker: str) -> list[int]:
@@ -136,7 +129,7 @@ def test_run_script_trains_on_a_one_node_cluster(managed, mlflow_server, tmp_pat
     workdir = Path(task.workdir)
     assert (workdir / "pyproject.toml").is_file()
 
-    ray_port, agent_port = _free_port(), _free_port()
+    ray_port, agent_port = free_port(), free_port()
     script = _with_ports(task.run, ray_port, agent_port)
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/rs")  # short: Ray's unix socket paths live under it
     task_id = f"sky-2026-11-27-22-00-00-000000_{plan.cluster_name}_1"
